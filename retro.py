@@ -1,0 +1,428 @@
+r"""
+RETRO, the Retrieval-Enhanced Transformer, in one file that needs only PyTorch.
+
+RETRO is a decoder-only language model that, for every chunk of m = 64 tokens it has read, looks up the k
+nearest chunks of a large text database (by frozen-BERT embedding) and lets the following tokens attend to
+them. A small bidirectional encoder reads each retrieved neighbour (the matching chunk plus its continuation),
+conditioned on the chunk that retrieved it, and every third decoder layer adds a *chunked cross-attention*
+(CCA) that lets the tokens of chunk u+1 read what chunk u retrieved. The model never sees neighbours of the
+chunk it is still writing, so it stays autoregressive.
+
+    Borgeaud et al. 2021, "Improving language models by retrieving from trillions of tokens",
+    arXiv 2112.04426: section 2.4 (architecture), Algorithm 1, Listing 1, Table 2, appendix B.
+
+Shape legend, used in every comment:
+    B batch, T tokens, C width, H heads, D head dim, M chunk length (paper m), L = T // M complete chunks,
+    K neighbours per chunk (paper k), R = 2M tokens per neighbour (the neighbour chunk N and its continuation F)
+
+Paper symbol -> name here:
+    H (decoder activations)       -> x              Ret(C_u) = ([N^1, F^1], ..., [N^k, F^k]) -> neighbours[:, u]
+    E = Encoder(Ret(C), H)        -> enc            H_u (activations of chunk u at layer min P) -> h
+    P (layers with CCA)           -> cca_layers     H_u^+ (the attending chunk of Listing 1)     -> q in CCA
+    m, k, r, n                    -> chunk_len, K, R, T
+
+Deviations from the paper (each is marked where it happens):
+    1. Rotary position embeddings (Su et al. 2021) replace the relative encodings of Transformer-XL. In CCA
+       the neighbour starts at the same position as its chunk, as in appendix B.1.2, so a query at slot i of
+       the attending chunk sits at position m - 1 + i and a neighbour token at its index 0..2m-1.
+    2. A chunk whose neighbours are all padding contributes nothing (CCA output 0), exactly as if it had
+       retrieved nothing; the paper never has empty neighbours.
+    3. Feed-forward with GELU; decoder input and output embeddings tied (GPT-2). The encoder has its own
+       embedding, as the paper's default (appendix B.1.4).
+    4. The encoder's input H is RMS-normalised, as every other attention input is in a pre-norm model.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class RetroConfig:
+    vocab_size: int = 4096          # paper: 128k SentencePiece tokens
+    block_size: int = 512           # most tokens per training sequence (paper n = 2048)
+    chunk_len: int = 64             # paper m = 64
+    n_layer: int = 6                # decoder layers (paper: 12 for 172M)
+    n_head: int = 4                 # (paper: 16 heads of 64 for 172M)
+    n_embd: int = 256               # decoder width d (paper: 896 for 172M)
+    cca_layers: tuple = (2, 5)      # 0-based decoder layers with CCA (paper: every 3rd from the 6th, 1-based)
+    enc_n_layer: int = 2            # paper: 2
+    enc_n_head: int = 4             # (paper d' = 896; heads not stated, 14 of 64 here)
+    enc_n_embd: int = 256           # encoder width d' (paper: 896 for every model)
+    enc_cross_layers: tuple = (0,)  # encoder layers that cross-attend to the retrieving chunk (paper: the 1st)
+    ffw_mult: int = 4               # feed-forward width / model width (paper: 4)
+    dropout: float = 0.0            # paper: 0 for pre-training, 0.25 on Wikitext103
+    pad_id: int = 0                 # neighbour tokens equal to pad_id are masked out
+
+    def __post_init__(self):
+        self.cca_layers, self.enc_cross_layers = tuple(self.cca_layers), tuple(self.enc_cross_layers)
+        assert self.n_embd % self.n_head == 0 and self.enc_n_embd % self.enc_n_head == 0, "width % heads != 0"
+        assert all(0 <= p < self.n_layer for p in self.cca_layers), f"cca_layers {self.cca_layers} not in [0, {self.n_layer})"
+        assert all(0 <= p < self.enc_n_layer for p in self.enc_cross_layers), "enc_cross_layers out of range"
+
+    @classmethod
+    def paper(cls, name: str, **overrides) -> "RetroConfig":
+        """The four models of Table 2 (paper n = 2048, m = 64, encoder d' = 896 with 2 layers)."""
+        d, n_head, n_layer = {"172M": (896, 14, 12), "425M": (1536, 12, 12),
+                              "1.5B": (2048, 16, 24), "7.5B": (4096, 32, 32)}[name]
+        first = 6 if n_layer == 12 else 9           # Table 10: P = [6, 9, 12] or [9, 12, ..., n_layer]
+        cfg = dict(vocab_size=128_000, block_size=2048, chunk_len=64, n_layer=n_layer, n_head=n_head,
+                   n_embd=d, cca_layers=tuple(range(first - 1, n_layer, 3)), enc_n_layer=2, enc_n_head=14,
+                   enc_n_embd=896)
+        return cls(**{**cfg, **overrides})
+
+
+# ---- normalisation ----------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    r"""RMSNorm (Zhang & Sennrich 2019), the paper's normalisation (section 2.5): x / rms(x) * g."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+# ---- rotary positions -------------------------------------------------------------------------------------
+
+def rotary(pos: torch.Tensor, head_dim: int, dtype: torch.dtype, base: float = 10000.0):
+    """cos and sin tables, each (T, D/2), for the integer positions pos (T,)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angle = pos.float()[:, None] * inv_freq                                  # (T, D/2)
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def apply_rotary(x, rope):
+    """Rotate each (x1, x2) pair of x (..., T, D) by its position's angle: dot products then depend on
+    the difference of positions only, which is all the model needs to know about order."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)                                              # 2 x (..., T, D/2)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)    # (..., T, D)
+
+
+# ---- attention --------------------------------------------------------------------------------------------
+
+def attend(q, k, v, mask=None, is_causal=False, dropout=0.0):
+    """Scaled dot-product attention. mask (..., Tq or 1, Tk) is True where a query may look. A query whose
+    keys are all masked (a chunk with only padding for neighbours) would get softmax(-inf, ...) = NaN:
+    let it see everything, then zero its output, so that it reads as 'nothing retrieved'."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout)
+    any_key = mask.any(dim=-1, keepdim=True)                                 # (..., Tq or 1, 1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~any_key, dropout_p=dropout)
+    return y * any_key
+
+
+class Attention(nn.Module):
+    """Multi-head attention with rotary positions. Self-attention when ctx is x; cross-attention
+    (queries from x, keys and values from ctx, whose width may differ) otherwise."""
+
+    def __init__(self, dim: int, n_head: int, ctx_dim: int = None, dropout: float = 0.0):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(ctx_dim or dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, ctx, q_pos, k_pos, mask=None, is_causal=False, cache=None):
+        B, T, C = x.shape
+        S, H = ctx.size(1), self.n_head
+        q = self.q(x).view(B, T, H, C // H).transpose(1, 2)                     # (B, H, T, D)
+        k, v = self.kv(ctx).view(B, S, 2, H, C // H).permute(2, 0, 3, 1, 4)    # 2 x (B, H, S, D)
+        q = apply_rotary(q, rotary(q_pos, C // H, q.dtype))
+        k = apply_rotary(k, rotary(k_pos, C // H, k.dtype))
+        if cache is not None:
+            k, v = cache(k, v)                              # (B, H, start + S, D): all keys so far
+        y = attend(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)  # (B, H, T, D)
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))        # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    """FFW: the position-wise two-layer MLP of every transformer block (GELU; deviation 3)."""
+
+    def __init__(self, dim: int, mult: int, dropout: float):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(dim, mult * dim, bias=False), nn.Linear(mult * dim, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+# ---- the neighbour encoder --------------------------------------------------------------------------------
+
+class EncoderLayer(nn.Module):
+    """One layer of the retrieval encoder: bidirectional self-attention over one neighbour's R tokens,
+    optional cross-attention to the retrieving chunk's activations H_u (CA_enc in Algorithm 1), FFW."""
+
+    def __init__(self, cfg: RetroConfig, cross: bool):
+        super().__init__()
+        C = cfg.enc_n_embd
+        self.ln_attn, self.attn = RMSNorm(C), Attention(C, cfg.enc_n_head, dropout=cfg.dropout)
+        self.ln_cross = RMSNorm(C) if cross else None
+        self.cross = Attention(C, cfg.enc_n_head, ctx_dim=cfg.n_embd, dropout=cfg.dropout) if cross else None
+        self.ln_ffw, self.ffw = RMSNorm(C), FeedForward(C, cfg.ffw_mult, cfg.dropout)
+
+
+class NeighbourEncoder(nn.Module):
+    """Encoder(Ret(C_u)^j, H_u) of section 2.4 ("Encoding retrieval neighbours"): every neighbour [N, F] of
+    every chunk is encoded on its own by a small bidirectional transformer, conditioned on the activations
+    of the chunk that retrieved it. Its output E_u is what chunk u's successors cross-attend to."""
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.enc_n_embd)   # its own embedding (paper default, B.1.4)
+        self.ln_h = RMSNorm(cfg.n_embd)                           # deviation 4
+        self.layers = nn.ModuleList(EncoderLayer(cfg, i in cfg.enc_cross_layers) for i in range(cfg.enc_n_layer))
+        self.ln_f = RMSNorm(cfg.enc_n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, neighbours, h):
+        """neighbours (B, L, K, R) token ids, h (B, L, M, C) -> E (B, L, K*R, C_enc) and its mask (B, L, K*R)."""
+        B, L, K, R = neighbours.shape
+        M, C = h.size(2), h.size(3)
+        mask = neighbours != self.cfg.pad_id                                    # (B, L, K, R)
+        x = self.drop(self.wte(neighbours)).view(B * L * K, R, -1)              # (B*L*K, R, C_enc)
+        h = self.ln_h(h).view(B * L, M, C)                                      # (B*L, M, C)
+        pos = torch.arange(R, device=x.device)
+        self_mask = mask.view(B * L * K, 1, 1, R)
+        for layer in self.layers:
+            y = layer.ln_attn(x)
+            x = x + layer.attn(y, y, pos, pos, mask=self_mask)
+            if layer.cross is not None:
+                # The K neighbours of chunk u all read the same M activations, so they share one batch row:
+                # K*R queries (each at its index in its own neighbour) against chunk u's M keys.
+                y = layer.ln_cross(x).view(B * L, K * R, -1)                    # (B*L, K*R, C_enc)
+                x = x + layer.cross(y, h, pos.repeat(K), torch.arange(M, device=x.device)).view(B * L * K, R, -1)
+            x = x + layer.ffw(layer.ln_ffw(x))
+        return self.ln_f(x).view(B, L, K * R, -1), mask.view(B, L, K * R)
+
+
+# ---- chunked cross-attention ------------------------------------------------------------------------------
+
+class ChunkedCrossAttention(nn.Module):
+    r"""CCA(H, E) of section 2.4 and Listing 1.
+
+    Why the shift by m - 1: the neighbours E_u of chunk C_u were retrieved with the text of C_u, so only
+    positions that have already read all of C_u may see them. The first such position is the last token of
+    C_u, at u*m + m - 1. Listing 1 therefore drops the first m - 1 positions and regroups the rest in chunks
+    of m: the attending chunk H_u^+ is the last token of C_u followed by the first m - 1 tokens of C_{u+1},
+    and it attends to E_u. Each token of it still predicts a token of C_{u+1} (or the first of C_{u+2}), so
+    causality holds. The first m - 1 positions see no neighbours (their output is 0, the residual passes
+    them unchanged), and each chunk reads its K neighbours jointly: one softmax over all K*R keys.
+
+    Positions (deviation 1): neighbour tokens sit at 0..R-1 and the query at slot i of H_u^+ at m - 1 + i,
+    as if [N, F] were laid over [C_u, C_{u+1}]; F's token at slot i is then at distance 0 from the query at
+    slot i. Every neighbour gets the same positions, so their order does not matter.
+    """
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.M = cfg.chunk_len
+        self.attn = Attention(cfg.n_embd, cfg.n_head, ctx_dim=cfg.enc_n_embd, dropout=cfg.dropout)
+
+    def forward(self, x, enc, enc_mask, start: int = 0):
+        """x (B, T, C) at positions start..start+T-1; enc (B, Lc, K*R, C_enc) and enc_mask (B, Lc, K*R)
+        for chunks 0..Lc-1. start > 0 only when generating with a cache."""
+        B, T, C = x.shape
+        M = self.M
+        skip = max(0, M - 1 - start)                    # positions before m - 1 have no neighbours yet
+        if skip >= T:
+            return torch.zeros_like(x)
+        p0 = start + skip                               # the first position that cross-attends:
+        s, u0 = (p0 + 1) % M, (p0 + 1) // M - 1         # its slot in its attending chunk, and that chunk
+        q = F.pad(x[:, skip:], (0, 0, s, 0))            # (B, s + T - skip, C)
+        n = -(-q.size(1) // M)                          # attending chunks touched
+        q = F.pad(q, (0, 0, 0, n * M - q.size(1))).view(B * n, M, C)            # (B*n, M, C)
+        e = enc[:, u0:u0 + n]                                                   # (B, n, K*R, C_enc)
+        assert e.size(1) == n, f"CCA needs neighbours of chunks {u0}..{u0 + n - 1}, got {enc.size(1)} chunks"
+        KR = e.size(2)
+        q_pos = torch.arange(M - 1, 2 * M - 1, device=x.device)
+        k_pos = torch.arange(KR, device=x.device) % (2 * M)                     # 0..R-1 for every neighbour
+        mask = enc_mask[:, u0:u0 + n].reshape(B * n, 1, 1, KR)
+        y = self.attn(q, e.reshape(B * n, KR, -1), q_pos, k_pos, mask=mask)      # (B*n, M, C)
+        y = y.view(B, n * M, C)[:, s:s + T - skip]                              # (B, T - skip, C)
+        return F.pad(y, (0, 0, skip, 0))                                        # (B, T, C)
+
+
+# ---- the decoder ------------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """A decoder layer. Without CCA: ATTN -> FFW. A RETRO block (layer p in P): ATTN -> CCA -> FFW
+    (equation 2). Pre-norm residuals; RETRO.forward calls the three parts, as Algorithm 1 does."""
+
+    def __init__(self, cfg: RetroConfig, cca: bool):
+        super().__init__()
+        C = cfg.n_embd
+        self.ln_attn, self.attn = RMSNorm(C), Attention(C, cfg.n_head, dropout=cfg.dropout)
+        self.ln_cca = RMSNorm(C) if cca else None
+        self.cca = ChunkedCrossAttention(cfg) if cca else None
+        self.ln_ffw, self.ffw = RMSNorm(C), FeedForward(C, cfg.ffw_mult, cfg.dropout)
+
+
+class Cache:
+    """What generation keeps between steps, so that a new token costs one position of work: every layer's
+    self-attention keys and values, the input of the first CCA layer (the encoder's H), and E for every
+    chunk encoded so far."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.pos = max_len, 0
+        self.kv = {}                    # layer -> (k, v), each (B, H, max_len, D)
+        self.h = None                   # (B, max_len, C)
+        self.enc = self.enc_mask = None  # (B, chunks encoded, K*R, C_enc), (B, chunks encoded, K*R)
+
+    def layer(self, i: int):
+        def append(k, v):
+            B, H, T, D = k.shape
+            if i not in self.kv:
+                self.kv[i] = (k.new_zeros(B, H, self.max_len, D), v.new_zeros(B, H, self.max_len, D))
+            ck, cv = self.kv[i]
+            ck[:, :, self.pos:self.pos + T], cv[:, :, self.pos:self.pos + T] = k, v
+            return ck[:, :, :self.pos + T], cv[:, :, :self.pos + T]
+        return append
+
+
+class RETRO(nn.Module):
+    """The Retrieval-Enhanced Transformer (section 2.4, Algorithm 1). neighbours=None (or K = 0) makes it the
+    plain decoder it is built on, which is the no-retrieval baseline."""
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i in cfg.cca_layers) for i in range(cfg.n_layer))
+        self.encoder = NeighbourEncoder(cfg)
+        self.ln_f = RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight                   # tied (deviation 3)
+        self.apply(self._init_weights)
+        # GPT-2: scale each residual branch's output so the residual stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, neighbours=None, targets=None):
+        """idx (B, T) token ids; neighbours (B, T // M, K, R) or None; targets (B, T), -1 = ignore.
+        Returns logits (B, T, vocab_size) and the mean cross-entropy (or None)."""
+        logits = self.lm_head(self.hidden(idx, neighbours))                     # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def hidden(self, idx, neighbours=None, cache: Cache = None):
+        """Algorithm 1 up to READ: the final hidden states (B, T, C). With a cache, idx holds the tokens at
+        positions cache.pos.. and neighbours those of every chunk completed so far."""
+        cfg, M = self.config, self.config.chunk_len
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        L = (start + T) // M                                    # complete chunks so far
+        assert start == 0 or T == 1, "with a cache, feed the prompt once, then one token at a time"
+        retrieval = neighbours is not None and neighbours.size(2) > 0 and len(cfg.cca_layers) > 0
+        if neighbours is not None:
+            assert neighbours.dim() == 4 and neighbours.shape[:2] == (B, L) and neighbours.size(3) == 2 * M, \
+                f"neighbours {tuple(neighbours.shape)}: expected (B={B}, L={L}, K, R={2 * M}) for {start + T} tokens"
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx))                                            # (B, T, C)
+        enc = enc_mask = None
+        for p, block in enumerate(self.blocks):
+            # H <- ATTN(H): causal self-attention
+            y = block.ln_attn(x)
+            x = x + block.attn(y, y, pos, pos, is_causal=T > 1, cache=cache.layer(p) if cache else None)
+            if cfg.cca_layers and p == min(cfg.cca_layers):
+                # E = Encoder(Ret(C), H): encode once, at the first CCA layer, conditioned on its H
+                enc, enc_mask = self.encode(neighbours if retrieval else None, x, start, cache)
+            if block.cca is not None and retrieval:
+                # H <- CCA(H, E): chunk u+1 reads chunk u's neighbours
+                x = x + block.cca(block.ln_cca(x), enc, enc_mask, start)
+            # H <- FFW(H)
+            x = x + block.ffw(block.ln_ffw(x))
+        if cache is not None:
+            cache.pos += T
+        return self.ln_f(x)
+
+    def encode(self, neighbours, x, start, cache):
+        """E for every complete chunk. Generating, only chunks completed since the last call are encoded,
+        each once; the first CCA layer's input is kept in the cache so a chunk's H is complete when needed."""
+        B, T, C = x.shape
+        M = self.config.chunk_len
+        if cache is not None:
+            if cache.h is None:
+                cache.h = x.new_zeros(B, cache.max_len, C)
+            cache.h[:, start:start + T] = x
+            x = cache.h[:, :start + T]                          # (B, start + T, C)
+        if neighbours is None:
+            return None, None
+        enc, mask = (None, None) if cache is None else (cache.enc, cache.enc_mask)
+        done, L = 0 if enc is None else enc.size(1), x.size(1) // M
+        if L > done:
+            h = x[:, done * M:L * M].reshape(B, L - done, M, C)                 # (B, L - done, M, C)
+            new, new_mask = self.encoder(neighbours[:, done:L], h)              # (B, L - done, K*R, C_enc)
+            enc = new if enc is None else torch.cat((enc, new), 1)              # (B, L, K*R, C_enc)
+            mask = new_mask if mask is None else torch.cat((mask, new_mask), 1)
+        if cache is not None:
+            cache.enc, cache.enc_mask = enc, mask
+        return enc, mask
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, retrieve=None, temperature: float = 1.0, top_k: int = None,
+                 use_cache: bool = True):
+        """Sample max_new_tokens tokens after idx (B, T). retrieve(chunk (B, M)) -> (B, K, R) is called once
+        for every chunk that completes, in the prompt or in the output, with that chunk (section 2.4,
+        "Sampling"). top_k=1 (or temperature=0) is greedy. use_cache=False recomputes the whole sequence for
+        every token, as the other public RETRO implementations do; it exists to check and time the cache."""
+        M = self.config.chunk_len
+        B, T0 = idx.shape
+        found = [retrieve(idx[:, u * M:(u + 1) * M]) for u in range(T0 // M)] if retrieve else []
+        cache = Cache(T0 + max_new_tokens) if use_cache else None
+        x = idx
+        for step in range(max_new_tokens):
+            neighbours = torch.stack(found, 1) if found else None                # (B, L, K, R)
+            if found:
+                assert neighbours.shape[0] == B and neighbours.size(-1) == 2 * M, \
+                    f"retrieve returned {tuple(found[-1].shape)}, expected (B={B}, K, R={2 * M})"
+            logits = self.lm_head(self.hidden(x, neighbours, cache)[:, -1])      # (B, V)
+            if top_k == 1 or temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)                            # (B, 1)
+            else:
+                logits = logits.float() / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)           # (B, 1)
+            idx = torch.cat((idx, nxt), dim=1)                                   # (B, T + 1)
+            if retrieve and idx.size(1) % M == 0:
+                found.append(retrieve(idx[:, -M:]))
+            x = nxt if use_cache else idx
+        return idx
+
+    # ---- training helpers ----
+
+    def freeze_decoder(self):
+        """RETRO-fitting (section 4.2): keep a pre-trained decoder frozen and train only the neighbour encoder
+        and the chunked cross-attention layers (with their norms)."""
+        for name, p in self.named_parameters():
+            p.requires_grad = name.startswith("encoder.") or ".cca." in name or ".ln_cca." in name
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), device_type="cpu"):
+        """AdamW with weight decay on matrices only (paper: 0.1, appendix C.1); norms' gains are not decayed."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
