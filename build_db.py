@@ -28,7 +28,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import faiss
@@ -76,8 +76,9 @@ def cli(config_class, description, argv=None):
     for f in fields(config_class):
         if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, default=f.default, help=helps.get(f.name, " "))
+        else:   # a tuple is written 2,5
+            kind = (lambda s: tuple(int(v) for v in s.split(",") if v.strip())) if f.type is tuple else f.type
+            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name, " "))
     args = vars(p.parse_args(argv))
     positional = args.pop(first.name + "_pos")
     if positional is not None:

