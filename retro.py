@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -54,6 +55,7 @@ class RetroConfig:
     enc_n_embd: int = 256           # encoder width d' (paper: 896 for every model)
     enc_cross_layers: tuple = (0,)  # encoder layers that cross-attend to the retrieving chunk (paper: the 1st)
     ffw_mult: int = 4               # feed-forward width / model width (paper: 4)
+    recompute_ffw: bool = True      # training: recompute the feed-forward hidden layer in backward (less memory)
     dropout: float = 0.0            # paper: 0 for pre-training, 0.25 on Wikitext103
     pad_id: int = 0                 # neighbour tokens equal to pad_id are masked out
 
@@ -90,19 +92,19 @@ class RMSNorm(nn.Module):
 
 # ---- rotary positions -------------------------------------------------------------------------------------
 
-def rotary(pos: torch.Tensor, head_dim: int, dtype: torch.dtype, base: float = 10000.0):
-    """cos and sin tables, each (T, D/2), for the integer positions pos (T,)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    angle = pos.float()[:, None] * inv_freq                                  # (T, D/2)
-    return angle.cos().to(dtype), angle.sin().to(dtype)
+def rotary(pos: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """exp(i * pos * theta_j) for the integer positions pos (T,): (T, D/2) complex rotations."""
+    theta = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angle = pos.float()[:, None] * theta                                    # (T, D/2)
+    return torch.polar(torch.ones_like(angle), angle)
 
 
-def apply_rotary(x, rope):
-    """Rotate each (x1, x2) pair of x (..., T, D) by its position's angle: dot products then depend on
-    the difference of positions only, which is all the model needs to know about order."""
-    cos, sin = rope
-    x1, x2 = x.chunk(2, dim=-1)                                              # 2 x (..., T, D/2)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)    # (..., T, D)
+def apply_rotary(x, rot):
+    """Read each pair of dims of x (..., T, D) as a complex number and turn it by its position's angle:
+    a dot product of two rotated vectors then depends on the difference of their positions only."""
+    xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xc = torch.view_as_complex(xc.reshape(*x.shape[:-1], -1, 2))            # (..., T, D/2) complex
+    return torch.view_as_real(xc * rot.to(xc.dtype)).flatten(-2).type_as(x)  # (..., T, D)
 
 
 # ---- attention --------------------------------------------------------------------------------------------
@@ -135,8 +137,7 @@ class Attention(nn.Module):
         S, H = ctx.size(1), self.n_head
         q = self.q(x).view(B, T, H, C // H).transpose(1, 2)                     # (B, H, T, D)
         k, v = self.kv(ctx).view(B, S, 2, H, C // H).permute(2, 0, 3, 1, 4)    # 2 x (B, H, S, D)
-        q = apply_rotary(q, rotary(q_pos, C // H, q.dtype))
-        k = apply_rotary(k, rotary(k_pos, C // H, k.dtype))
+        q, k = apply_rotary(q, rotary(q_pos, C // H)), apply_rotary(k, rotary(k_pos, C // H))
         if cache is not None:
             k, v = cache(k, v)                              # (B, H, start + S, D): all keys so far
         y = attend(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)  # (B, H, T, D)
@@ -146,12 +147,19 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """FFW: the position-wise two-layer MLP of every transformer block (GELU; deviation 3)."""
 
-    def __init__(self, dim: int, mult: int, dropout: float):
+    def __init__(self, dim: int, mult: int, dropout: float, recompute: bool = False):
         super().__init__()
         self.fc, self.proj = nn.Linear(dim, mult * dim, bias=False), nn.Linear(mult * dim, dim, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop, self.recompute = nn.Dropout(dropout), recompute
 
     def forward(self, x):
+        if self.recompute and self.training and torch.is_grad_enabled():
+            # keep only x for backward and recompute the 4x wider hidden layer there: the largest
+            # activations of the model, for one extra matrix product
+            return torch.utils.checkpoint.checkpoint(self.mlp, x, use_reentrant=False)
+        return self.mlp(x)
+
+    def mlp(self, x):
         return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
@@ -167,7 +175,7 @@ class EncoderLayer(nn.Module):
         self.ln_attn, self.attn = RMSNorm(C), Attention(C, cfg.enc_n_head, dropout=cfg.dropout)
         self.ln_cross = RMSNorm(C) if cross else None
         self.cross = Attention(C, cfg.enc_n_head, ctx_dim=cfg.n_embd, dropout=cfg.dropout) if cross else None
-        self.ln_ffw, self.ffw = RMSNorm(C), FeedForward(C, cfg.ffw_mult, cfg.dropout)
+        self.ln_ffw, self.ffw = RMSNorm(C), FeedForward(C, cfg.ffw_mult, cfg.dropout, cfg.recompute_ffw)
 
 
 class NeighbourEncoder(nn.Module):
@@ -264,7 +272,7 @@ class Block(nn.Module):
         self.ln_attn, self.attn = RMSNorm(C), Attention(C, cfg.n_head, dropout=cfg.dropout)
         self.ln_cca = RMSNorm(C) if cca else None
         self.cca = ChunkedCrossAttention(cfg) if cca else None
-        self.ln_ffw, self.ffw = RMSNorm(C), FeedForward(C, cfg.ffw_mult, cfg.dropout)
+        self.ln_ffw, self.ffw = RMSNorm(C), FeedForward(C, cfg.ffw_mult, cfg.dropout, cfg.recompute_ffw)
 
 
 class Cache:
@@ -287,6 +295,47 @@ class Cache:
             ck[:, :, self.pos:self.pos + T], cv[:, :, self.pos:self.pos + T] = k, v
             return ck[:, :, :self.pos + T], cv[:, :, :self.pos + T]
         return append
+
+
+# ---- the loss ---------------------------------------------------------------------------------------------
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T, without ever holding all of them: with a vocabulary of
+    30k, a batch of 8 x 512 tokens has 500 MB of logits, and autograd would keep three such tensors. Rows go
+    in chunks, and since d loss / d logits = (softmax - onehot) / n, each chunk's gradients are computed
+    right away; backward only scales them. Same three matrix products as autograd, a fraction of the memory."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, rows: int = 1024):
+        # x (N, C), weight (V, C), targets (N,) with -1 = ignore
+        acc = torch.promote_types(weight.dtype, torch.float32)     # fp32 sums, or fp64 when testing in fp64
+        n = (targets >= 0).sum().clamp(min=1)
+        need_grad = any(ctx.needs_input_grad[:2])
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
+        loss = torch.zeros((), dtype=acc, device=x.device)
+        for i in range(0, x.size(0), rows):
+            xi, ti = x[i:i + rows], targets[i:i + rows]
+            valid, t = ti >= 0, ti.clamp(min=0).unsqueeze(1)
+            logits = (xi @ weight.t()).to(acc)                                  # (rows, V)
+            target_logit = logits.gather(1, t)                                  # (rows, 1)
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()                                         # in place: one big buffer
+            total = e.sum(dim=-1, keepdim=True)
+            loss += ((top + total.log() - target_logit).squeeze(1) * valid).sum()
+            if need_grad:
+                w = (valid.to(acc) / n).unsqueeze(1)                            # 1/n, or 0 where ignored
+                g = e.mul_(w / total).scatter_add_(1, t, -w)                    # (softmax - onehot) / n
+                grad_x[i:i + rows] = g.to(weight.dtype) @ weight
+                grad_w += g.t() @ xi.to(acc)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None
 
 
 class RETRO(nn.Module):
@@ -317,13 +366,18 @@ class RETRO(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, neighbours=None, targets=None):
+    def forward(self, idx, neighbours=None, targets=None, return_logits: bool = True):
         """idx (B, T) token ids; neighbours (B, T // M, K, R) or None; targets (B, T), -1 = ignore.
-        Returns logits (B, T, vocab_size) and the mean cross-entropy (or None)."""
-        logits = self.lm_head(self.hidden(idx, neighbours))                     # (B, T, V)
+        Returns logits (B, T, vocab_size) and the mean cross-entropy (or None). For training, pass
+        return_logits=False: the loss is then computed chunk by chunk and logits is None."""
+        x = self.hidden(idx, neighbours)                                        # (B, T, C)
+        if not return_logits and targets is not None:
+            return None, ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        logits = self.lm_head(x)                                                # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            acc = torch.promote_types(logits.dtype, torch.float32)
+            loss = F.cross_entropy(logits.flatten(0, 1).to(acc), targets.flatten(), ignore_index=-1)
         return logits, loss
 
     def hidden(self, idx, neighbours=None, cache: Cache = None):

@@ -74,6 +74,32 @@ def test_no_neighbours_and_zero_neighbours_are_the_same_plain_decoder(setup):
     assert not torch.allclose(plain, model(idx, nb)[0]), "neighbours must change something"
 
 
+def test_chunked_loss_equals_cross_entropy_of_the_logits_with_the_same_gradients(setup):
+    model, K = setup
+    idx, nb = data(model, K, B=3)
+    targets = torch.randint(0, V, idx.shape, generator=torch.Generator().manual_seed(4))
+    targets[0, :5] = -1                                                         # ignored positions
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        logits, loss = model(idx, nb, targets, return_logits=return_logits)
+        assert (logits is None) != return_logits
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l1, g1), (l2, g2) = grads
+    assert torch.allclose(l1, l2, atol=1e-12, rtol=0)
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(g1, g2))
+
+
+def test_rotary_scores_depend_on_relative_positions_only():
+    from retro import apply_rotary, rotary
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 8, generator=g, dtype=torch.float64)
+    score = lambda i, j: (apply_rotary(q, rotary(torch.tensor([i]), 8)) * apply_rotary(k, rotary(torch.tensor([j]), 8))).sum()
+    assert torch.allclose(score(7, 3), score(104, 100)) and torch.allclose(score(0, 5), score(20, 25))
+    assert not torch.allclose(score(7, 3), score(3, 7))
+
+
 # ---- causality: no position sees the future, through self-attention or through retrieval ----
 
 def test_token_causality_at_every_position(setup):
@@ -188,9 +214,9 @@ def reference_cca(cca, x, enc, enc_mask):
     for p in range(M - 1, T):
         u, i = (p + 1) // M - 1, (p + 1) % M
         q = a.q(x[:, p]).view(B, H, 1, D)
-        q = apply_rotary(q, rotary(torch.tensor([M - 1 + i]), D, q.dtype))
+        q = apply_rotary(q, rotary(torch.tensor([M - 1 + i]), D))
         k, v = a.kv(enc[:, u]).view(B, KR, 2, H, D).permute(2, 0, 3, 1, 4)     # (B, H, K*R, D)
-        k = apply_rotary(k, rotary(torch.arange(KR) % (2 * M), D, k.dtype))
+        k = apply_rotary(k, rotary(torch.arange(KR) % (2 * M), D))
         s = (q @ k.transpose(-1, -2)) / math.sqrt(D)                            # (B, H, 1, K*R)
         s = s.masked_fill(~enc_mask[:, u].view(B, 1, 1, KR), float("-inf"))
         y = (s.softmax(-1) @ v).view(B, C)

@@ -171,7 +171,7 @@ def training_flops(model, data, device) -> float:
     x, y, nb = (t[:1].to(device) if t is not None else None for t in data.batch("train", 0, 0, 0))
     counter = FlopCounterMode(display=False)
     with counter:
-        model(x, nb, y)[1].backward()
+        model(x, nb, y, return_logits=False)[1].backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -326,7 +326,7 @@ def main(argv=None):
             x, y, nb = (t.to(device) if t is not None else None for t in data.batch("train", it, micro, rank))
             sync = not ddp or micro == cfg.grad_accum - 1      # DDP: all-reduce on the last micro-step only
             with ctx, (nullcontext() if sync else model.no_sync()):
-                loss = model(x, nb, y)[1] / cfg.grad_accum
+                loss = model(x, nb, y, return_logits=False)[1] / cfg.grad_accum
                 loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
