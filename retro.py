@@ -32,6 +32,7 @@ Deviations from the paper (each is marked where it happens):
     4. The encoder's input H is RMS-normalised, as every other attention input is in a pre-norm model.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -92,10 +93,15 @@ class RMSNorm(nn.Module):
 
 # ---- rotary positions -------------------------------------------------------------------------------------
 
-def rotary(pos: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+@functools.lru_cache
+def rotary_frequencies(head_dim: int, device: torch.device, base: float = 10000.0) -> torch.Tensor:
+    """theta_j = base^(-2j / D): one angular speed per pair of dims, fast for the first pairs, slow for the last."""
+    return base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
+def rotary(pos: torch.Tensor, head_dim: int) -> torch.Tensor:
     """exp(i * pos * theta_j) for the integer positions pos (T,): (T, D/2) complex rotations."""
-    theta = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    angle = pos.float()[:, None] * theta                                    # (T, D/2)
+    angle = pos.float()[:, None] * rotary_frequencies(head_dim, pos.device)   # (T, D/2)
     return torch.polar(torch.ones_like(angle), angle)
 
 
@@ -133,15 +139,28 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, ctx, q_pos, k_pos, mask=None, is_causal=False, cache=None):
-        B, T, C = x.shape
-        S, H = ctx.size(1), self.n_head
-        q = self.q(x).view(B, T, H, C // H).transpose(1, 2)                     # (B, H, T, D)
-        k, v = self.kv(ctx).view(B, S, 2, H, C // H).permute(2, 0, 3, 1, 4)    # 2 x (B, H, S, D)
-        q, k = apply_rotary(q, rotary(q_pos, C // H)), apply_rotary(k, rotary(k_pos, C // H))
+        k, v = self.keys_values(ctx, k_pos)
         if cache is not None:
             k, v = cache(k, v)                              # (B, H, start + S, D): all keys so far
-        y = attend(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)  # (B, H, T, D)
-        return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))        # (B, T, C)
+        return self.out(self.attend(self.queries(x, q_pos), k, v, mask, is_causal))
+
+    def queries(self, x, pos):
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        return apply_rotary(q, rotary(pos, q.size(-1)))
+
+    def keys_values(self, ctx, pos):
+        *lead, S, _ = ctx.shape
+        D = self.q.out_features // self.n_head
+        k, v = self.kv(ctx).view(*lead, S, 2, self.n_head, D).unbind(-3)        # 2 x (..., S, H, D)
+        return apply_rotary(k.transpose(-2, -3), rotary(pos, D)), v.transpose(-2, -3)  # (..., H, S, D)
+
+    def attend(self, q, k, v, mask=None, is_causal=False):
+        return attend(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)
+
+    def out(self, y):
+        B, H, T, D = y.shape
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, H * D)))    # (B, T, C)
 
 
 class FeedForward(nn.Module):
@@ -236,28 +255,45 @@ class ChunkedCrossAttention(nn.Module):
         self.M = cfg.chunk_len
         self.attn = Attention(cfg.n_embd, cfg.n_head, ctx_dim=cfg.enc_n_embd, dropout=cfg.dropout)
 
-    def forward(self, x, enc, enc_mask, start: int = 0):
+    def forward(self, x, enc, enc_mask, start: int = 0, kv_cache: dict = None):
         """x (B, T, C) at positions start..start+T-1; enc (B, Lc, K*R, C_enc) and enc_mask (B, Lc, K*R)
-        for chunks 0..Lc-1. start > 0 only when generating with a cache."""
+        for chunks 0..Lc-1. start > 0 and kv_cache only when generating."""
         B, T, C = x.shape
-        M = self.M
+        M, H = self.M, self.attn.n_head
         skip = max(0, M - 1 - start)                    # positions before m - 1 have no neighbours yet
         if skip >= T:
             return torch.zeros_like(x)
         p0 = start + skip                               # the first position that cross-attends:
         s, u0 = (p0 + 1) % M, (p0 + 1) // M - 1         # its slot in its attending chunk, and that chunk
-        q = F.pad(x[:, skip:], (0, 0, s, 0))            # (B, s + T - skip, C)
-        n = -(-q.size(1) // M)                          # attending chunks touched
-        q = F.pad(q, (0, 0, 0, n * M - q.size(1))).view(B * n, M, C)            # (B*n, M, C)
-        e = enc[:, u0:u0 + n]                                                   # (B, n, K*R, C_enc)
-        assert e.size(1) == n, f"CCA needs neighbours of chunks {u0}..{u0 + n - 1}, got {enc.size(1)} chunks"
-        KR = e.size(2)
-        q_pos = torch.arange(M - 1, 2 * M - 1, device=x.device)
-        k_pos = torch.arange(KR, device=x.device) % (2 * M)                     # 0..R-1 for every neighbour
-        mask = enc_mask[:, u0:u0 + n].reshape(B * n, 1, 1, KR)
-        y = self.attn(q, e.reshape(B * n, KR, -1), q_pos, k_pos, mask=mask)      # (B*n, M, C)
-        y = y.view(B, n * M, C)[:, s:s + T - skip]                              # (B, T - skip, C)
-        return F.pad(y, (0, 0, skip, 0))                                        # (B, T, C)
+        n = (s + T - skip + M - 1) // M                 # attending chunks touched
+        pos = torch.arange(p0, start + T, device=x.device)
+        q = self.attn.queries(x[:, skip:], M - 1 + (pos + 1) % M)               # (B, H, T - skip, D)
+        if n > 1:   # lay the queries out by attending chunk (one chunk, as for each generated token: as is)
+            q = F.pad(q, (0, 0, s, n * M - s - (T - skip)))                     # (B, H, n*M, D)
+            q = q.view(B, H, n, M, -1).transpose(1, 2).flatten(0, 1)            # (B*n, H, M, D)
+        k, v = self.keys_values(enc, kv_cache)                                  # (B, Lc, H, K*R, D)
+        assert k.size(1) >= u0 + n, f"CCA needs neighbours of chunks {u0}..{u0 + n - 1}, got {k.size(1)}"
+        k, v = k[:, u0:u0 + n].flatten(0, 1), v[:, u0:u0 + n].flatten(0, 1)     # (B*n, H, K*R, D)
+        mask = enc_mask[:, u0:u0 + n].reshape(B * n, 1, 1, -1)
+        y = self.attn.attend(q, k, v, mask)                                     # (B*n, H, M, D)
+        if n > 1:
+            y = y.view(B, n, H, M, -1).transpose(1, 2).flatten(2, 3)[:, :, s:s + T - skip]  # (B, H, T - skip, D)
+        return F.pad(self.attn.out(y), (0, 0, skip, 0))                         # (B, T, C)
+
+    def keys_values(self, enc, cache: dict = None):
+        """Keys and values of every chunk's neighbours. Generating, each chunk's are projected once, when it
+        completes, not once per new token."""
+        R = 2 * self.M
+        pos = torch.arange(enc.size(2), device=enc.device) % R                 # 0..R-1 for every neighbour
+        if cache is None:
+            return self.attn.keys_values(enc, pos)
+        done = cache["k"].size(1) if cache else 0
+        if done < enc.size(1):
+            k, v = self.attn.keys_values(enc[:, done:], pos)                   # (B, new chunks, H, K*R, D)
+            if done:
+                k, v = torch.cat((cache["k"], k), 1), torch.cat((cache["v"], v), 1)
+            cache.update(k=k, v=v)
+        return cache["k"], cache["v"]
 
 
 # ---- the decoder ------------------------------------------------------------------------------------------
@@ -277,14 +313,15 @@ class Block(nn.Module):
 
 class Cache:
     """What generation keeps between steps, so that a new token costs one position of work: every layer's
-    self-attention keys and values, the input of the first CCA layer (the encoder's H), and E for every
-    chunk encoded so far."""
+    self-attention keys and values, the input of the first CCA layer (the encoder's H), E for every chunk
+    encoded so far, and each CCA layer's keys and values of E."""
 
     def __init__(self, max_len: int):
         self.max_len, self.pos = max_len, 0
         self.kv = {}                    # layer -> (k, v), each (B, H, max_len, D)
         self.h = None                   # (B, max_len, C)
         self.enc = self.enc_mask = None  # (B, chunks encoded, K*R, C_enc), (B, chunks encoded, K*R)
+        self.cca = {}                   # layer -> {"k": ..., "v": ...}, each (B, chunks, H, K*R, D)
 
     def layer(self, i: int):
         def append(k, v):
@@ -404,7 +441,7 @@ class RETRO(nn.Module):
                 enc, enc_mask = self.encode(neighbours if retrieval else None, x, start, cache)
             if block.cca is not None and retrieval:
                 # H <- CCA(H, E): chunk u+1 reads chunk u's neighbours
-                x = x + block.cca(block.ln_cca(x), enc, enc_mask, start)
+                x = x + block.cca(block.ln_cca(x), enc, enc_mask, start, cache.cca.setdefault(p, {}) if cache else None)
             # H <- FFW(H)
             x = x + block.ffw(block.ln_ffw(x))
         if cache is not None:
@@ -443,15 +480,24 @@ class RETRO(nn.Module):
         every token, as the other public RETRO implementations do; it exists to check and time the cache."""
         M = self.config.chunk_len
         B, T0 = idx.shape
-        found = [retrieve(idx[:, u * M:(u + 1) * M]) for u in range(T0 // M)] if retrieve else []
+
+        def neighbours_of(u):                                                   # (B, 1, K, R)
+            nb = retrieve(idx[:, u * M:(u + 1) * M])
+            assert nb.dim() == 3 and nb.size(0) == B and nb.size(2) == 2 * M, \
+                f"retrieve returned {tuple(nb.shape)}, expected (B={B}, K, R={2 * M})"
+            return nb.unsqueeze(1)
+        found = [neighbours_of(u) for u in range(T0 // M)] if retrieve else []
+        neighbours = torch.cat(found, 1) if found else None                     # (B, L, K, R)
         cache = Cache(T0 + max_new_tokens) if use_cache else None
+        # one token's logits read the whole (V, C) output matrix: laid out as (C, V), that read is a stream
+        # of rows, which on a CPU runs about twice as fast as F.linear's (memory-bound) matrix-vector product
+        head = self.lm_head.weight.t().contiguous()                            # (C, V)
         x = idx
-        for step in range(max_new_tokens):
-            neighbours = torch.stack(found, 1) if found else None                # (B, L, K, R)
-            if found:
-                assert neighbours.shape[0] == B and neighbours.size(-1) == 2 * M, \
-                    f"retrieve returned {tuple(found[-1].shape)}, expected (B={B}, K, R={2 * M})"
-            logits = self.lm_head(self.hidden(x, neighbours, cache)[:, -1])      # (B, V)
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = self.hidden(x, neighbours, cache)[:, -1] @ head        # (B, V)
+            else:                                                               # the whole forward, again
+                logits = self(idx, neighbours)[0][:, -1]
             if top_k == 1 or temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)                            # (B, 1)
             else:
@@ -462,8 +508,9 @@ class RETRO(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)           # (B, 1)
             idx = torch.cat((idx, nxt), dim=1)                                   # (B, T + 1)
             if retrieve and idx.size(1) % M == 0:
-                found.append(retrieve(idx[:, -M:]))
-            x = nxt if use_cache else idx
+                nb = neighbours_of(idx.size(1) // M - 1)
+                neighbours = nb if neighbours is None else torch.cat((neighbours, nb), 1)
+            x = nxt
         return idx
 
     # ---- training helpers ----
