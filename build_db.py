@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def cli(config_class, description, argv=None):
     p.add_argument(first.name + "_pos", nargs="?", metavar=first.name.upper(), help=f"same as --{first.name}")
     for f in fields(config_class):
         if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                           help=helps.get(f.name))
         else:   # a tuple is written 2,5
             kind = (lambda s: tuple(int(v) for v in s.split(",") if v.strip())) if f.type is tuple else f.type
             p.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name, " "))
@@ -193,7 +195,6 @@ class Embedder:
         except Exception as e:
             raise DBError(f"cannot load the embedder {name!r} ({type(e).__name__}): pass --bert with a BERT model "
                           "folder, or the name of one in your local Hugging Face cache") from None
-        assert pooling in ("mean", "cls"), f"--pooling must be mean or cls, not {pooling!r}"
         self.pooling, self.device = pooling, default_device() if device == "auto" else device
         self.model.to(self.device)
         self.dim = self.model.config.hidden_size
@@ -298,21 +299,16 @@ def exclude_own_sequences(candidates: np.ndarray, k: int, n: int) -> np.ndarray:
 
 # ---- files ------------------------------------------------------------------------------------------------
 
-class atomic:
+@contextmanager
+def atomic(path):
     """with atomic(path) as tmp: write tmp; on success it is renamed to path, on failure removed."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{self.path.suffix}")
-
-    def __enter__(self):
-        return str(self.tmp)
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        yield str(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save(path, array):
@@ -334,8 +330,13 @@ def load_meta(path) -> dict:
 def build(cfg: DBConfig) -> dict:
     """Build (or bring up to date) the database of cfg.text; returns its metadata."""
     t0, out = time.time(), db_dir(cfg)
-    assert cfg.chunk_len > 0 and cfg.k > 0 and cfg.seq_len % cfg.chunk_len == 0, \
-        f"--seq_len {cfg.seq_len} must be a multiple of --chunk_len {cfg.chunk_len}"
+    for bad, msg in [(cfg.chunk_len < 1 or cfg.k < 1, "--chunk_len and --k must be positive"),
+                     (cfg.seq_len < cfg.chunk_len or cfg.seq_len % cfg.chunk_len,
+                      f"--seq_len {cfg.seq_len} must be a multiple of --chunk_len {cfg.chunk_len}"),
+                     (cfg.vocab_size < 259, "--vocab_size must be at least 259: 256 bytes and 2 special tokens"),
+                     (cfg.pooling not in ("mean", "cls"), f"--pooling must be mean or cls, not {cfg.pooling!r}")]:
+        if bad:
+            raise DBError(msg)
     docs = read_documents(cfg.text)
     digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()
     corpus = dict(text_sha256=digest, chunk_len=cfg.chunk_len, vocab_size=cfg.vocab_size, bert=cfg.bert,
@@ -356,10 +357,10 @@ def build(cfg: DBConfig) -> dict:
         # 2. tokenize with the language model's own tokenizer; cut the streams into chunks of M tokens
         tok = train_tokenizer(train_docs, cfg.vocab_size)
         train, val = token_stream(tok, train_docs, M), token_stream(tok, val_docs, M)
-        if len(train) < cfg.seq_len + 1 or len(val) < M + 1:
-            raise DBError(f"{cfg.text} is too short: {len(train):,} training and {len(val):,} validation tokens; "
-                          f"training needs {cfg.seq_len + 1} and validation {M + 1}: use a longer text or "
-                          f"a smaller --seq_len")
+        if min(len(train), len(val)) < cfg.seq_len + 1:
+            raise DBError(f"{cfg.text} is too short: {len(train):,} training and {len(val):,} validation tokens, "
+                          f"and each needs one sequence of {cfg.seq_len + 1}: use a longer text or a smaller "
+                          f"--seq_len (train.py: --block_size)")
         out.mkdir(parents=True, exist_ok=True)
         (out / "meta.json").unlink(missing_ok=True)
         with atomic(out / "tokenizer.json") as tmp:

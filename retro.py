@@ -63,7 +63,8 @@ class RetroConfig:
     def __post_init__(self):
         self.cca_layers, self.enc_cross_layers = tuple(self.cca_layers), tuple(self.enc_cross_layers)
         assert self.n_embd % self.n_head == 0 and self.enc_n_embd % self.enc_n_head == 0, "width % heads != 0"
-        assert all(0 <= p < self.n_layer for p in self.cca_layers), f"cca_layers {self.cca_layers} not in [0, {self.n_layer})"
+        assert all(0 <= p < self.n_layer for p in self.cca_layers), \
+            f"cca_layers {self.cca_layers} not in [0, {self.n_layer})"
         assert all(0 <= p < self.enc_n_layer for p in self.enc_cross_layers), "enc_cross_layers out of range"
 
     @classmethod
@@ -246,8 +247,9 @@ class ChunkedCrossAttention(nn.Module):
     them unchanged), and each chunk reads its K neighbours jointly: one softmax over all K*R keys.
 
     Positions (deviation 1): neighbour tokens sit at 0..R-1 and the query at slot i of H_u^+ at m - 1 + i,
-    as if [N, F] were laid over [C_u, C_{u+1}]; F's token at slot i is then at distance 0 from the query at
-    slot i. Every neighbour gets the same positions, so their order does not matter.
+    as if [N, F] were laid over [C_u, C_{u+1}]: each query stands where its own token stands, and the
+    neighbour token in line with the token it predicts, F's token i, is one position ahead of it. Every
+    neighbour gets the same positions, so their order does not matter.
     """
 
     def __init__(self, cfg: RetroConfig):
@@ -441,7 +443,8 @@ class RETRO(nn.Module):
                 enc, enc_mask = self.encode(neighbours if retrieval else None, x, start, cache)
             if block.cca is not None and retrieval:
                 # H <- CCA(H, E): chunk u+1 reads chunk u's neighbours
-                x = x + block.cca(block.ln_cca(x), enc, enc_mask, start, cache.cca.setdefault(p, {}) if cache else None)
+                kv_cache = cache.cca.setdefault(p, {}) if cache else None
+                x = x + block.cca(block.ln_cca(x), enc, enc_mask, start, kv_cache)
             # H <- FFW(H)
             x = x + block.ffw(block.ln_ffw(x))
         if cache is not None:

@@ -128,16 +128,15 @@ def test_neighbours_of_chunk_u_reach_exactly_the_positions_from_the_chunks_last_
         assert not torch.allclose(out[:, first], base[:, first]), f"Ret(C_{u}) does not reach position {first}"
 
 
-def test_neighbour_encoder_reads_the_retrieving_chunk_only_causally(setup):
-    """The encoder is conditioned on the activations of chunk u; a token of chunk u changes E_u, but E_u is
-    read only from the chunk's last token on, so token causality above already covers it. Here: it does
-    change E_u (the conditioning is real)."""
+def test_the_encoder_is_conditioned_on_the_retrieving_chunk(setup):
+    """E_u depends on the tokens of chunk u (through H_u), not only on the neighbours: a change at position 0
+    reaches the attending chunk of u = 0 differently with neighbours than without. (Causality of that path
+    is covered by the token-causality test.)"""
     model, K = setup
     M = model.config.chunk_len
     idx, nb = data(model, K)
     idx2 = idx.clone()
     idx2[:, 0] = changed(idx[:, 0])
-    # with neighbours the change at position 0 travels through E_0 too; without, only through self-attention
     d_with = (model(idx2, nb)[0] - model(idx, nb)[0])[:, M - 1:2 * M - 1]
     d_without = (model(idx2)[0] - model(idx)[0])[:, M - 1:2 * M - 1]
     assert not torch.allclose(d_with, d_without)
@@ -666,6 +665,17 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(case, tmp_path):
     assert not (tmp_path / "db").exists()
 
 
+@pytest.mark.parametrize("flags,words", [(["--seq_len", "100"], "multiple of --chunk_len"),
+                                         (["--pooling", "max"], "mean or cls"),
+                                         (["--vocab_size", "100"], "at least 259")])
+def test_bad_settings_give_one_clear_line(flags, words, tmp_path):
+    write_corpus(tmp_path / "t.txt", bible_books(30, 56, 63))
+    with pytest.raises(SystemExit) as e:
+        build_db.main([str(tmp_path / "t.txt"), "--out", str(tmp_path / "db"), *flags])
+    assert str(e.value.code).startswith("build_db.py: error:") and words in str(e.value.code)
+    assert not (tmp_path / "db").exists()
+
+
 def test_an_embedder_that_cannot_load_is_one_clear_line(tmp_path):
     write_corpus(tmp_path / "t.txt", bible_books(30, 56, 63))
     with pytest.raises(SystemExit) as e:
@@ -691,6 +701,22 @@ TINY_MODEL = ["--block_size", str(DB_SEQ), "--chunk_len", str(DB_M), "--n_layer"
               "--n_embd", "32", "--cca_layers", "1", "--enc_n_layer", "1", "--enc_n_head", "2", "--enc_n_embd", "32",
               "--batch_size", "4", "--learning_rate", "1e-2", "--warmup_iters", "5", "--log_interval", "1",
               "--eval_iters", "2", "--max_new_tokens", "24", "--device", "cpu"]
+
+
+def test_training_batches_are_chunk_aligned_with_their_neighbours(multi_db):
+    """x, y and neighbours come from the same chunks: the neighbours of x's chunk j are those of chunk s+j."""
+    cfg = train.TrainConfig(data=multi_db.text, db=multi_db.out, block_size=DB_SEQ, chunk_len=DB_M, batch_size=3)
+    meta = build_db.load_meta(multi_db.out)
+    data = train.Data(Path(multi_db.out), meta, cfg)
+    stream, nbs = load(multi_db, "train_tokens").astype(np.int64), load(multi_db, "train_neighbours")
+    starts = [0, 5, data.n_starts("train") - 1]
+    x, y, nb = data.sequences("train", starts)
+    for b, s in enumerate(starts):
+        assert torch.equal(x[b], torch.as_tensor(stream[s * DB_M:s * DB_M + DB_SEQ]))
+        target = stream[s * DB_M + 1:s * DB_M + DB_SEQ + 1]
+        assert torch.equal(y[b], torch.as_tensor(np.where(target == meta["pad_id"], -1, target)))
+        assert torch.equal(nb[b], torch.as_tensor(nbs[s:s + DB_SEQ // DB_M].astype(np.int64)))
+    assert (data.n_starts("train") - 1) * DB_M + DB_SEQ + 1 <= len(stream)   # the last start still has targets
 
 
 def run_train(db_cfg, out, *extra):
@@ -755,14 +781,12 @@ def test_baseline_and_retrofit_train_the_parts_they_should(trained, multi_db, tm
     base = run_train(multi_db, tmp_path / "base", "--max_iters", "10", "--eval_interval", "100", "--n_neighbours", "0")
     assert base["val"][10]["on"] == base["val"][10]["off"]
     ckpt = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)
-    init = RETRO(RetroConfig(**ckpt["model_config"]))
     run_train(multi_db, tmp_path / "fit", "--max_iters", "10", "--eval_interval", "100",
               "--retrofit", str(tmp_path / "base" / "ckpt.pt"))
     fit = torch.load(tmp_path / "fit" / "ckpt.pt", weights_only=True)
     for name, p in fit["model"].items():
         is_retrieval = name.startswith("encoder.") or ".cca." in name or ".ln_cca." in name
         assert torch.equal(p, ckpt["model"][name]) != is_retrieval, f"{name} should {'' if is_retrieval else 'not '}change"
-    del init
 
 
 def train_error(capsys, *argv):
@@ -785,6 +809,11 @@ def test_bad_runs_fail_with_one_clear_line(trained, multi_db, tmp_path, capsys):
     assert "another database" in train_error(capsys, "--data", other.text, "--db", other.out, *TINY_MODEL,
                                              "--out_dir", str(out), "--sample", "x")
     assert "no such file" in train_error(capsys, "--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path))
+    assert "multiple of --chunk_len" in train_error(capsys, *common, "--block_size", "40")
+    assert "do not fit together" in train_error(capsys, *common, "--n_head", "3")
+    assert "do not fit together" in train_error(capsys, *common, "--cca_layers", "0,7")
+    if not torch.cuda.is_available():
+        assert "not available" in train_error(capsys, *common, "--device", "cuda")
 
 
 def test_ddp_on_two_cpu_processes_trains(multi_db, tmp_path):

@@ -10,6 +10,7 @@ Train RETRO on a text file, measure what retrieval buys, and sample with retriev
 Every option is a field of TrainConfig below; `python train.py -h` lists them with their defaults.
 """
 
+import json
 import math
 import os
 import sys
@@ -42,8 +43,8 @@ class TrainConfig:
     n_embd: int = 256
     cca_layers: tuple = (2, 5)      # 0-based decoder layers with chunked cross-attention
     enc_n_layer: int = 2
-    enc_n_head: int = 4
-    enc_n_embd: int = 256
+    enc_n_head: int = 2
+    enc_n_embd: int = 128           # the encoder reads 2K times the decoder's tokens: narrower is cheaper
     dropout: float = 0.0
     vocab_size: int = 4096          # BPE vocabulary, if the database has to be built
     n_neighbours: int = 2           # K neighbours per chunk; 0 trains the same decoder without retrieval
@@ -51,16 +52,16 @@ class TrainConfig:
     # optimisation (paper, appendix C.1: AdamW, weight decay 0.1, warm-up, cosine decay to 10%)
     batch_size: int = 8             # sequences per micro-step and process
     grad_accum: int = 1             # micro-steps per optimizer step
-    max_iters: int = 600
+    max_iters: int = 300            # about 10 minutes on 2 CPU cores with the defaults
     learning_rate: float = 2e-3
     min_lr_ratio: float = 0.1       # the cosine decays to this fraction of learning_rate
-    warmup_iters: int = 60
+    warmup_iters: int = 30
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     # evaluation, logging, checkpoints
-    eval_interval: int = 200        # evaluate and save a checkpoint every this many steps
+    eval_interval: int = 100        # evaluate and save a checkpoint every this many steps
     eval_iters: int = 8             # validation batches per periodic evaluation (the last one uses all)
     log_interval: int = 10
     resume: bool = False            # continue from out_dir/ckpt.pt
@@ -83,6 +84,8 @@ def fail(msg):
 # ---- data: chunk-aligned sequences with their precomputed neighbours ---------------------------------------
 
 class Data:
+    """The database's token streams and stored neighbours (memmaps), served as chunk-aligned sequences."""
+
     def __init__(self, db: Path, meta: dict, cfg: TrainConfig):
         self.cfg, self.meta, self.M = cfg, meta, cfg.chunk_len
         self.tokens = {s: np.load(db / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val")}
@@ -90,7 +93,8 @@ class Data:
         # bytes of text behind each token, for bits per byte: a byte-level BPE token is one character per byte
         self.tokenizer = tok = Tokenizer.from_file(str(db / "tokenizer.json"))
         special = (meta["pad_id"], meta["eot_id"])
-        self.token_bytes = torch.tensor([0 if i in special else len(tok.id_to_token(i)) for i in range(tok.get_vocab_size())])
+        self.token_bytes = torch.tensor([0 if i in special else len(tok.id_to_token(i))
+                                         for i in range(tok.get_vocab_size())])
 
     def sequences(self, split: str, starts):
         """Sequences of block_size tokens starting at the given chunks: inputs (B, T), targets (B, T) with -1
@@ -133,7 +137,8 @@ def evaluate(model, data, ctx, device, n_batches=None, desc="eval"):
         for mode, neighbours in (("on", nb), ("off", None)) if nb is not None else (("on", None),):
             with ctx:
                 logits = model(x, neighbours)[0]
-            nll[mode] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").item()
+            nll[mode] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
+                                         reduction="sum").item()
     if data.cfg.n_neighbours == 0:
         nll["off"] = nll["on"]
     model.train()
@@ -191,15 +196,19 @@ def prepare_db(cfg: TrainConfig) -> tuple:
                           f"run needs chunk_len {cfg.chunk_len}, k >= {cfg.n_neighbours}, seq_len >= {cfg.block_size}: "
                           f"run python build_db.py {cfg.data} --out {db} --chunk_len {cfg.chunk_len} "
                           f"--k {max(cfg.n_neighbours, 2)} --seq_len {cfg.block_size}, or pass --db NEW_FOLDER")
-        want.vocab_size, want.bert, want.pooling, want.val_every = c["vocab_size"], c["bert"], c["pooling"], c["val_every"]
+        want.vocab_size, want.bert, want.pooling = c["vocab_size"], c["bert"], c["pooling"]
+        want.val_every = c["val_every"]
         want.k, want.seq_len, want.exact_below = r["k"], r["seq_len"], r["exact_below"]
     return db, build(want)
 
 
 def model_config(cfg: TrainConfig, meta: dict) -> RetroConfig:
     shared = {f.name for f in fields(RetroConfig)} - {"vocab_size", "pad_id"}
-    return RetroConfig(**{k: v for k, v in asdict(cfg).items() if k in shared},
-                       vocab_size=meta["vocab_size"], pad_id=meta["pad_id"])
+    try:
+        return RetroConfig(**{k: v for k, v in asdict(cfg).items() if k in shared},
+                           vocab_size=meta["vocab_size"], pad_id=meta["pad_id"])
+    except AssertionError as e:
+        fail(f"the model flags do not fit together: {e}")
 
 
 def load_checkpoint(path: Path, meta: dict) -> dict:
@@ -210,6 +219,13 @@ def load_checkpoint(path: Path, meta: dict) -> dict:
         fail(f"{path} was trained with another database (text, tokenizer or chunk length differ): "
              f"pass the --data/--db it was trained on, or train again")
     return ckpt
+
+
+def log_eval(path: Path, step: int, r: dict, tokens_per_step: int, final: bool = False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(step=step, tokens=step * tokens_per_step, final=final, loss_on=r["on"][0],
+                                bpb_on=r["on"][1], loss_off=r["off"][0], bpb_off=r["off"][1])) + "\n")
 
 
 def save_checkpoint(path: Path, raw_model, optimizer, cfg, it, meta):
@@ -245,8 +261,15 @@ def main(argv=None):
     cfg = cli(TrainConfig, "Train RETRO on a text file, or sample from it (--sample).", argv)
     # ---- the machine: torchrun or not, device, precision ----
     ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
+                                                                       ("WORLD_SIZE", 1)))
     device = default_device() if cfg.device == "auto" else cfg.device
+    if (device.startswith("cuda") and not torch.cuda.is_available()
+            or device == "mps" and not torch.backends.mps.is_available()):
+        fail(f"--device {device} is not available here: use --device auto or cpu")
+    if cfg.block_size % cfg.chunk_len:
+        fail(f"--block_size {cfg.block_size} must be a multiple of --chunk_len {cfg.chunk_len}")
+    model_config(cfg, {"vocab_size": cfg.vocab_size, "pad_id": 0})   # bad model flags fail now, not after a build
     if ddp:
         device = f"cuda:{local_rank}" if device.startswith("cuda") else device
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -285,6 +308,9 @@ def main(argv=None):
         if base["model_config"] != asdict(model.config):
             fail(f"{cfg.retrofit} has another model config: pass the model flags it was trained with")
         model.load_state_dict(base["model"])
+        for block in model.blocks:                    # start exactly as the baseline: CCA adds 0 until it learns
+            if block.cca is not None:
+                torch.nn.init.zeros_(block.cca.attn.proj.weight)
         model.set_trainable(decoder=False)            # RETRO-fitting: only the encoder and CCA learn
     elif cfg.n_neighbours == 0:
         model.set_trainable(retrieval=False)          # the baseline: encoder and CCA stay unused
@@ -305,17 +331,22 @@ def main(argv=None):
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    print0(f"RETRO: {raw_model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained, K={cfg.n_neighbours}; "
+    print0(f"RETRO: {raw_model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained, "
+           f"K={cfg.n_neighbours}; "
            f"{world} process(es) on {device}, {tokens_per_step:,} tokens per step; "
            f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 
     # ---- training ----
     history = {"loss": {}, "val": {}}               # step -> training loss, step -> evaluation
+    log_path = Path(cfg.out_dir) / "log.jsonl"      # every evaluation, one JSON line each (for plots)
+    if master and not cfg.resume:
+        log_path.unlink(missing_ok=True)
     train_time = 0.0                                 # seconds spent in training steps, evaluation excluded
     for it in range(start, cfg.max_iters):
         if it % cfg.eval_interval == 0 and it > start and master:
             r = history["val"][it] = evaluate(raw_model, data, ctx, device, cfg.eval_iters)
             print0(f"step {it}: val loss {r['on'][0]:.4f} (bpb {r['on'][1]:.4f}), retrieval off {r['off'][0]:.4f}")
+            log_eval(log_path, it, r, tokens_per_step)
             save_checkpoint(ckpt_path, raw_model, optimizer, cfg, it, meta)
         t0 = time.time()
         lr = get_lr(cfg, it)
@@ -340,11 +371,13 @@ def main(argv=None):
             dt = train_time / (it + 1 - start)
             mfu = flops_per_seq * cfg.batch_size * cfg.grad_accum / dt / peak
             print0(f"step {it + 1}/{cfg.max_iters}: loss {history['loss'][it + 1]:.4f}, lr {lr:.2e}, "
-                   f"{tokens_per_step / dt:,.0f} tokens/s, MFU {mfu:.1%}, {dt * (cfg.max_iters - it - 1) / 60:.1f} min left")
+                   f"{tokens_per_step / dt:,.0f} tokens/s, MFU {mfu:.1%}, "
+                   f"{dt * (cfg.max_iters - it - 1) / 60:.1f} min left")
     # ---- the end: a checkpoint, the whole validation set, a sample ----
     if master:
         save_checkpoint(ckpt_path, raw_model, optimizer, cfg, cfg.max_iters, meta)
         r = history["val"][cfg.max_iters] = evaluate(raw_model, data, ctx, device, desc="final eval")
+        log_eval(log_path, cfg.max_iters, r, tokens_per_step, final=True)
         print0(f"trained {cfg.max_iters - start} steps in {train_time / 60:.1f} min; held-out "
                f"{meta['n_val_documents']} documents: RETRO[ON] loss {r['on'][0]:.4f} bpb {r['on'][1]:.4f}, "
                f"RETRO[OFF] loss {r['off'][0]:.4f} bpb {r['off'][1]:.4f}")
