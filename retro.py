@@ -345,7 +345,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     right away; backward only scales them. Same three matrix products as autograd, a fraction of the memory."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, rows: int = 1024):
+    def forward(ctx, x, weight, targets, rows: int = 256):
         # x (N, C), weight (V, C), targets (N,) with -1 = ignore
         acc = torch.promote_types(weight.dtype, torch.float32)     # fp32 sums, or fp64 when testing in fp64
         n = (targets >= 0).sum().clamp(min=1)

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from build_db import DBConfig, DBError, Retriever, build, cli, db_dir, default_device, load_meta
-from retro import RETRO, RetroConfig
+from retro import RETRO, FeedForward, RetroConfig
 
 
 @dataclass
@@ -171,13 +171,19 @@ def peak_flops(cfg: TrainConfig, device_type: str) -> tuple:
 
 
 def training_flops(model, data, device) -> float:
-    """FLOPs of one training sequence (forward + backward), as torch's FlopCounterMode counts them."""
+    """FLOPs of one training sequence (forward + backward), as torch's FlopCounterMode counts them. Model
+    FLOPs: the feed-forward recomputation (recompute_ffw) is work the model does not need, so it is left out."""
     from torch.utils.flop_counter import FlopCounterMode
     x, y, nb = (t[:1].to(device) if t is not None else None for t in data.batch("train", 0, 0, 0))
+    ffws = [m for m in model.modules() if isinstance(m, FeedForward) and m.recompute]
+    for m in ffws:
+        m.recompute = False
     counter = FlopCounterMode(display=False)
     with counter:
         model(x, nb, y, return_logits=False)[1].backward()
     model.zero_grad(set_to_none=True)
+    for m in ffws:
+        m.recompute = True
     return counter.get_total_flops()
 
 

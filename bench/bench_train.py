@@ -20,7 +20,9 @@ The matched config (retro.py's names; the peers' own names are in their builders
     cross-attention to the retrieving chunk in its first layer only. Token ids are >= 1 (0 is padding).
 
 Implementations:
-    ours               retro.py in the repository root
+    ours               retro.py in the repository root, as train.py uses it (recompute_ffw=True: the feed-forward
+                       hidden layer is recomputed in backward instead of stored)
+    ours-no-recompute  the same with recompute_ffw=False: faster, more memory
     labml              labml-nn 0.5.1, labml_nn.transformers.retro.model (RetroModel + NearestNeighborEncoder)
     lucidrains         retro-pytorch 0.3.9 as shipped: RETRO(heads=4) is ignored, it builds 8 heads of 64
     lucidrains-4heads  the same with 4 heads, by passing heads=4 to its Encoder and Decoder at build time
@@ -58,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPLS = ("ours", "labml", "lucidrains", "lucidrains-4heads")
+IMPLS = ("ours", "ours-no-recompute", "labml", "lucidrains", "lucidrains-4heads")
 
 # ---- the matched config --------------------------------------------------------------------------------
 VOCAB, SEQ, CHUNK, K, R, BATCH = 30522, 512, 64, 2, 128, 8
@@ -77,13 +79,14 @@ def peak_rss_gib() -> float:
 # tokens is (B, SEQ + 1): inputs tokens[:, :-1], targets tokens[:, 1:]. describe() reports the model as built,
 # read back from its modules, with every layer index 0-based.
 
-def build_ours():
+def build_ours(recompute_ffw: bool = True):
     sys.path.insert(0, str(ROOT))
     from retro import RETRO, RetroConfig
 
     cfg = RetroConfig(vocab_size=VOCAB, block_size=SEQ, chunk_len=CHUNK, n_layer=LAYERS, n_head=HEADS,
                       n_embd=WIDTH, cca_layers=CCA_LAYERS, enc_n_layer=ENC_LAYERS, enc_n_head=HEADS,
-                      enc_n_embd=WIDTH, enc_cross_layers=ENC_CROSS, ffw_mult=FFW_MULT)
+                      enc_n_embd=WIDTH, enc_cross_layers=ENC_CROSS, ffw_mult=FFW_MULT,
+                      recompute_ffw=recompute_ffw)
     model = RETRO(cfg)
     opt = model.configure_optimizers(weight_decay=WEIGHT_DECAY, learning_rate=LR)
 
@@ -188,7 +191,7 @@ def build_lucidrains(patch_heads: bool):
     return model, opt, train_loss, eval_loss, describe
 
 
-BUILDERS = {"ours": build_ours, "labml": build_labml,
+BUILDERS = {"ours": build_ours, "ours-no-recompute": partial(build_ours, recompute_ffw=False), "labml": build_labml,
             "lucidrains": partial(build_lucidrains, patch_heads=False),
             "lucidrains-4heads": partial(build_lucidrains, patch_heads=True)}
 

@@ -151,6 +151,9 @@ def main():
                         label=r["run"])
         ax.plot([e["step"] + offset for e in final], [e["bpb_on"] for e in final], marker="*", markersize=12,
                 linestyle="none", color=line.get_color())
+        if r["K"]:                                              # the same model with its neighbours withheld
+            ax.plot([e["step"] + offset for e in periodic], [e["bpb_off"] for e in periodic], linestyle="--",
+                    color=line.get_color(), alpha=0.6, label=f"{r['run']}, RETRO[OFF]")
     ax.set_xlabel("training step (a retro-fit continues its baseline's steps)")
     ax.set_ylabel("held-out bits per byte (o: 8 batches, *: all)")
     ax.grid(alpha=0.3)
