@@ -12,7 +12,9 @@ For every checkpoint: parameters, training tokens, and bits per byte of the held
 Norlund et al. 2023: each held-out chunk C_u is predicted while reading Ret(C_{u-1}); the longest run of
 tokens that C_u shares with any of those neighbours ([N, F]) puts it in a bucket (0-8, 8-16, 16-32, 32+
 tokens), and bpb is reported per bucket. Chunks that start a sequence read no neighbours and are left out
-of the buckets. The plot (needs matplotlib, which the product does not) goes to --plot.
+of the buckets. For each RETRO model, the mean loss on 8 training batches with the stored neighbours, with
+none, and with random tokens in their place: how much the model uses its neighbours at all. The plot (needs
+matplotlib, which the product does not) goes to --plot.
 """
 
 import argparse
@@ -61,6 +63,20 @@ def token_losses(model, data, neighbours: bool):
     return torch.cat(nll).numpy(), torch.cat(nbytes).numpy(), torch.cat(chunk).numpy()
 
 
+@torch.no_grad()
+def training_losses(model, data, n_batches: int = 8) -> dict:
+    """Does the model use its neighbours on the text it was trained on? Mean loss over training batches with
+    the stored neighbours, without any, and with random tokens in their place."""
+    loss = {"stored": 0.0, "none": 0.0, "random": 0.0}
+    g = torch.Generator().manual_seed(0)
+    for i in range(n_batches):
+        x, y, nb = data.batch("train", 10 ** 6 + i, 0, 0)
+        rnd = torch.randint(2, model.config.vocab_size, nb.shape, generator=g)
+        for key, neighbours in (("stored", nb), ("none", None), ("random", rnd)):
+            loss[key] += model(x, neighbours, y)[1].item() / n_batches
+    return loss
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="out_dir of each trained model; the first is the baseline")
@@ -97,7 +113,8 @@ def main():
         nll_on, nbytes, chunk = token_losses(model, data, neighbours=K > 0)
         nll_off = token_losses(model, data, neighbours=False)[0] if K else nll_on
         bpb = lambda nll: nll.sum() / math.log(2) / nbytes.sum()
-        rows.append(dict(run=run, params=used, tokens=tokens_note, K=K, bpb_on=bpb(nll_on), bpb_off=bpb(nll_off)))
+        rows.append(dict(run=run, params=used, tokens=tokens_note, K=K, bpb_on=bpb(nll_on), bpb_off=bpb(nll_off),
+                         train=training_losses(model, data) if K else None))
         per_token[run] = (nll_on, nbytes, chunk)
 
     # the neighbours each held-out chunk is predicted from, and how much text it shares with them
@@ -115,6 +132,12 @@ def main():
     for r in rows:
         on = f"{r['bpb_on']:.3f}" if r["K"] else "—"
         print(f"| {r['run']} | {r['params'] / 1e6:.2f}M | {r['tokens']} | {on} | {r['bpb_off']:.3f} |")
+
+    print("\n| model | training loss (nats), stored neighbours | no neighbours | random neighbours |")
+    print("|---|---|---|---|")
+    for r in rows:
+        if r["train"]:
+            print(f"| {r['run']} | " + " | ".join(f"{r['train'][k]:.4f}" for k in ("stored", "none", "random")) + " |")
 
     first = np.zeros_like(chunk, dtype=bool)
     first[:, :M - 1] = True                                                     # targets in a sequence's first chunk
