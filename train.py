@@ -338,8 +338,7 @@ def main(argv=None):
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     print0(f"RETRO: {raw_model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained, "
-           f"K={cfg.n_neighbours}; "
-           f"{world} process(es) on {device}, {tokens_per_step:,} tokens per step; "
+           f"K={cfg.n_neighbours}; {world} process(es) on {device}, {tokens_per_step:,} tokens per step; "
            f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 
     # ---- training ----

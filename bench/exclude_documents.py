@@ -12,7 +12,6 @@ held-out chunk can only retrieve from other books; the paper's rule makes traini
 Validation neighbours are unchanged.
 """
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -21,12 +20,12 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from build_db import exclude_own_sequences, neighbour_tokens  # noqa: E402
+from build_db import exclude_own_sequences, load_meta, neighbour_tokens  # noqa: E402
 
 
 def main():
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    meta = json.loads((src / "meta.json").read_text())
+    meta = load_meta(src)
     M, k = meta["corpus"]["chunk_len"], meta["retrieval"]["k"]
     n = meta["retrieval"]["seq_len"] // M
     stream = np.load(src / "train_tokens.npy")

@@ -63,6 +63,11 @@ def token_losses(model, data, neighbours: bool):
     return torch.cat(nll).numpy(), torch.cat(nbytes).numpy(), torch.cat(chunk).numpy()
 
 
+def tokens_trained(ckpt: dict) -> int:
+    tc = ckpt["train_config"]
+    return ckpt["iter"] * tc["batch_size"] * tc["grad_accum"] * tc["block_size"]
+
+
 @torch.no_grad()
 def training_losses(model, data, n_batches: int = 8) -> dict:
     """Does the model use its neighbours on the text it was trained on? Mean loss over training batches with
@@ -100,21 +105,17 @@ def main():
         model.load_state_dict(ckpt["model"])
         model.eval()
         K = tc.n_neighbours
-        base_ckpt = Path(tc.retrofit) if tc.retrofit else None
-        tokens = ckpt["iter"] * tc.batch_size * tc.grad_accum * tc.block_size
-        if base_ckpt:
-            b = torch.load(base_ckpt, map_location="cpu", weights_only=True)
-            bt = b["train_config"]
-            tokens_note = f"{b['iter'] * bt['batch_size'] * bt['grad_accum'] * bt['block_size'] / 1e6:.2f}M + {tokens / 1e6:.2f}M"
-        else:
-            tokens_note = f"{tokens / 1e6:.2f}M"
+        tokens_note, offset = f"{tokens_trained(ckpt) / 1e6:.2f}M", 0
+        if tc.retrofit:                     # a RETRO-fit continues its baseline: its tokens and steps come first
+            base = torch.load(tc.retrofit, map_location="cpu", weights_only=True)
+            tokens_note, offset = f"{tokens_trained(base) / 1e6:.2f}M + {tokens_note}", base["iter"]
         used = sum(p.numel() for n, p in model.named_parameters()
                    if K or not (n.startswith("encoder.") or ".cca." in n or ".ln_cca." in n))
         nll_on, nbytes, chunk = token_losses(model, data, neighbours=K > 0)
         nll_off = token_losses(model, data, neighbours=False)[0] if K else nll_on
         bpb = lambda nll: nll.sum() / math.log(2) / nbytes.sum()
-        rows.append(dict(run=run, params=used, tokens=tokens_note, K=K, bpb_on=bpb(nll_on), bpb_off=bpb(nll_off),
-                         train=training_losses(model, data) if K else None))
+        rows.append(dict(run=run, params=used, tokens=tokens_note, step_offset=offset, K=K, bpb_on=bpb(nll_on),
+                         bpb_off=bpb(nll_off), train=training_losses(model, data) if K else None))
         per_token[run] = (nll_on, nbytes, chunk)
 
     # the neighbours each held-out chunk is predicted from, and how much text it shares with them
@@ -165,10 +166,7 @@ def main():
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
         log = [json.loads(line) for line in (Path(r["run"]) / "log.jsonl").read_text().splitlines()]
-        offset = 0
-        ckpt_tc = torch.load(Path(r["run"]) / "ckpt.pt", map_location="cpu", weights_only=True)["train_config"]
-        if ckpt_tc["retrofit"]:
-            offset = torch.load(ckpt_tc["retrofit"], map_location="cpu", weights_only=True)["iter"]
+        offset = r["step_offset"]
         periodic, final = [e for e in log if not e["final"]], [e for e in log if e["final"]]
         line, = ax.plot([e["step"] + offset for e in periodic], [e["bpb_on"] for e in periodic], marker="o",
                         label=r["run"])
