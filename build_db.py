@@ -3,25 +3,37 @@ Build RETRO's retrieval database from a text, and retrieve from it (section 2.3 
 
     python build_db.py                    # text.txt -> data/text/
     python build_db.py my.txt --k 4       # any text file, folder of .txt files, or .jsonl with a "text" field
+    python build_db.py text.txt --retrieval_texts web.txt,more/    # also retrieve from texts never trained on
+    python build_db.py --add news.jsonl --out data/text            # grow a database, e.g. after training
+    python build_db.py other.txt --tokenizer data/text             # a database for a model trained on data/text
 
 Input: a UTF-8 text file whose documents are separated by lines holding only <|endoftext|> (a file without
 such lines is one document), a folder of .txt files (one document each), or a .jsonl file (one document per
 line, in its "text" field). Every val_every-th document is held out for validation; a single document is
-cut at the line break nearest 90% of its length.
+cut at the line break nearest 90% of its length. Retrieval-only texts (--retrieval_texts, --add) take the
+same forms: neighbours only, never training or validation sequences. A build warns about any training or
+validation document they hold verbatim. Chunks are numbered training first (0 .. n_train_chunks-1), then
+each retrieval-only text's in the order of meta["sources"]: the index, neighbour ids and Retriever use these.
 
 Files written to --out (default data/<name of the text>/), each atomically (temporary file, then rename):
-    tokenizer.json                  byte-level BPE trained on the training documents: the model's tokenizer
+    tokenizer.json                  byte-level BPE trained on the training documents (or --tokenizer's)
     train_tokens.npy, val_tokens.npy        token streams: each document then <|endoftext|>, padded to whole chunks
     train_emb.npy, val_emb.npy              (chunks, dim) float16 unit-length frozen-BERT embedding of each chunk
-    index.faiss                     faiss index over the training chunks' embeddings
+    sources/<key>_tokens.npy, sources/<key>_emb.npy   the same for a retrieval-only text; <key> hashes its
+                                    documents, the tokenizer, chunk_len, bert and pooling; reused, never rewritten
+    index.faiss                     faiss index over all chunks, training and retrieval-only
     train_neighbours.npy, val_neighbours.npy   (chunks, K, 2M) tokens of each chunk's K neighbours [N, F]
-    train_neighbour_ids.npy, val_neighbour_ids.npy   (chunks, K) int32 training chunk of each neighbour, -1 none
-    meta.json                       settings, sizes and hashes; removed first and written last, so a folder
-                                    without it is not a database
+    train_neighbour_ids.npy, val_neighbour_ids.npy   (chunks, K) int32 chunk number of each neighbour, -1 none
+    meta.json                       settings, sizes, hashes, the sources, the current generation's file names
+A build writes generation 0 under these names, and removes meta.json first and writes it last: a folder
+without it is not a database. --add writes generation g+1 (index.<g+1>.faiss, train_neighbours.<g+1>.npy, ...),
+replaces meta.json, then deletes generation g: an interrupted add leaves the database as it was, and the next
+build or add deletes what it left.
 """
 
 import hashlib
 import importlib.util
+import functools
 import json
 import math
 import os
@@ -46,17 +58,21 @@ VERSION = 1                       # bump when the files' format changes
 
 @dataclass
 class DBConfig:
-    text: str = "text.txt"          # text file, folder of .txt files, or .jsonl file
+    text: str = "text.txt"          # training text: a text file, folder of .txt files, or .jsonl file
     out: str = ""                   # database folder; empty means data/<name of the text>
+    retrieval_texts: str = ""       # comma-separated texts (same forms) to retrieve from, never trained on
+    add: str = ""                   # grow the database --out with this retrieval-only text (TEXT is not read)
+    tokenizer: str = ""             # a database folder or tokenizer.json to use instead of training one
     chunk_len: int = 64             # tokens per chunk, paper m = 64; must equal the model's chunk_len
     k: int = 2                      # neighbours per chunk (paper: 2 in training)
     seq_len: int = 512              # training sequence length: no chunk gets neighbours from its own sequences
+    exclude_own_document: bool = False  # nor from its own document (the paper's rule, section 2.3)
     vocab_size: int = 4096          # BPE vocabulary of the language model
     bert: str = DEFAULT_BERT        # embedder: a BERT-family model name or folder
     pooling: str = "mean"           # mean over non-padding tokens (paper: time-averaged BERT), or cls
     val_every: int = 10             # every n-th document is held out for validation
     batch_size: int = 64            # chunks per embedding batch
-    exact_below: int = 100_000      # exact search below this many training chunks, IVF above
+    exact_below: int = 100_000      # exact search below this many indexed chunks, IVF above
     device: str = "auto"            # embedder device: auto (cuda, mps, cpu), or a torch device
     force: bool = False             # rebuild even if the database is up to date
 
@@ -124,7 +140,7 @@ def read_documents(text: str) -> list:
         docs = re.split(rf"(?m)^{re.escape(SEPARATOR)}(?:\n|\Z)", read_utf8(path))
     docs = [d for d in docs if isinstance(d, str) and d.strip()]
     if not docs:
-        raise DBError(f"{text} is empty: it needs some text to train on")
+        raise DBError(f"{text} is empty: it needs some text")
     return docs
 
 
@@ -137,6 +153,21 @@ def split_documents(docs: list, val_every: int):
         return [d[:cut]], [d[cut:]]
     held_out = {i for i in range(len(docs)) if i % val_every == val_every - 1} or {len(docs) - 1}
     return [d for i, d in enumerate(docs) if i not in held_out], [d for i, d in enumerate(docs) if i in held_out]
+
+
+def warn_verbatim(name, source_docs: list, splits: dict):
+    """Warn about each training or validation document that a retrieval-only text holds verbatim: its chunks
+    could retrieve their own text. Linear in the texts' size: a document is a candidate only when each of its
+    non-empty lines is a line of the source (hashes, binary search), and only candidates are searched for."""
+    lines = np.unique(np.fromiter((hash(ln) for d in source_docs for ln in d.splitlines()), np.int64))
+    text = "\0".join(source_docs)
+    for split, docs in splits.items():
+        for i, d in enumerate(docs):
+            h = np.fromiter((hash(ln) for ln in d.splitlines() if ln.strip()), np.int64)
+            if len(h) and (lines[np.minimum(np.searchsorted(lines, h), len(lines) - 1)] == h).all() \
+                    and d.strip() in text:
+                print(f'warning: {name} contains {split} document {i} ("{" ".join(d.split())[:40]}...") verbatim: '
+                      "the model could copy its own target", file=sys.stderr)
 
 
 # ---- step 2: the language model's tokenizer, and token streams cut in chunks ------------------------------
@@ -153,6 +184,26 @@ def train_tokenizer(docs: list, vocab_size: int) -> Tokenizer:
     return tok
 
 
+def tokenizer_hash(path) -> str:
+    """sha256 of a tokenizer's vocabulary and merges: what a trained model depends on, not the file's layout."""
+    model = json.loads(Path(path).read_text())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]  # both JSON forms
+    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps([vocab, merges]).encode()).hexdigest()
+
+
+def load_tokenizer(spec: str) -> tuple:
+    """--tokenizer: a database folder or its tokenizer.json, so that a new database can serve a trained model."""
+    path = Path(spec) / "tokenizer.json" if Path(spec).is_dir() else Path(spec)
+    try:
+        tok, digest = Tokenizer.from_file(str(path)), tokenizer_hash(path)
+    except Exception:
+        raise DBError(f"--tokenizer {spec} is not a tokenizer: pass a database folder or its tokenizer.json") from None
+    if tok.token_to_id(PAD) is None or tok.token_to_id(SEPARATOR) is None:
+        raise DBError(f"--tokenizer {spec} has no {PAD} and {SEPARATOR} tokens: pass one that build_db.py wrote")
+    return tok, digest
+
+
 def token_stream(tok: Tokenizer, docs: list, chunk_len: int) -> np.ndarray:
     """All documents, each followed by <|endoftext|>, padded to a whole number of chunks."""
     eot = tok.token_to_id(SEPARATOR)
@@ -161,9 +212,17 @@ def token_stream(tok: Tokenizer, docs: list, chunk_len: int) -> np.ndarray:
     return np.array(ids, dtype=np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.int32)
 
 
+def stream_documents(tok: Tokenizer, stream: np.ndarray, eot: int) -> list:
+    """The documents of a token stream, as text (the tokenizer is lossless)."""
+    ends = np.flatnonzero(stream == eot)
+    return tok.decode_batch([stream[a:b].tolist() for a, b in zip(np.r_[0, ends[:-1] + 1], ends)],
+                            skip_special_tokens=False)
+
+
 def neighbour_tokens(stream: np.ndarray, ids: np.ndarray, M: int, pad: int, eot: int) -> np.ndarray:
     """Chunk indices (..., K) -> their tokens and continuations (..., K, 2M). The continuation F is the
-    next chunk of the same document: whatever follows the document's <|endoftext|> is padding."""
+    next chunk of the same document: whatever follows the document's <|endoftext|> is padding. `stream` may be
+    a Concat of streams: each ends with <|endoftext|>, so no F runs from one into the next."""
     pos = ids[..., None].astype(np.int64) * M + np.arange(2 * M)                # (..., K, 2M)
     valid = (ids[..., None] >= 0) & (pos < len(stream))
     tok = np.where(valid, stream[np.clip(pos, 0, len(stream) - 1)], pad)
@@ -232,8 +291,8 @@ def embed_chunks(embedder, tok, stream, M, batch_size, out_path, desc):
 
 # ---- steps 4 and 5: the index, and each chunk's neighbours ------------------------------------------------
 
-def add(index, emb: np.ndarray):
-    for i in range(0, len(emb), 65536):
+def add(index, emb: np.ndarray, start: int = 0):
+    for i in range(start, len(emb), 65536):
         index.add(np.asarray(emb[i:i + 65536], dtype=np.float32))
 
 
@@ -254,7 +313,7 @@ def build_index(emb: np.ndarray, exact_below: int, queries: np.ndarray, k: int, 
     if N < exact_below:
         index = faiss.IndexFlatL2(d)
         add(index, emb)
-        return index, f"exact search: {N:,} training chunks < --exact_below {exact_below:,}"
+        return index, f"exact search: {N:,} chunks < --exact_below {exact_below:,}"
     # inverted lists over ~4 sqrt(N) k-means cells (at least 39 training points each, as faiss wants);
     # vectors stored as 8-bit scalars: 10M chunks x 384 dims take 3.8 GB instead of 15 GB, for ~0.3% recall
     nlist = max(1, min(int(4 * math.sqrt(N)), N // 39))
@@ -262,36 +321,53 @@ def build_index(emb: np.ndarray, exact_below: int, queries: np.ndarray, k: int, 
     sample = np.sort(np.random.default_rng(0).choice(N, min(N, 64 * nlist), replace=False))
     index.train(np.asarray(emb[sample], dtype=np.float32))
     add(index, emb)
-    truth = exact_knn(queries, emb, k)
+    why = f"IVF{nlist},SQ8: {N:,} chunks >= --exact_below {exact_below:,}"
+    return index, f"{why}; {tune_nprobe(index, emb, queries, k)}"
+
+
+def tune_nprobe(index, emb, queries: np.ndarray, k: int, target: float = 0.95) -> str:
+    """Set the smallest nprobe that finds `target` of the exact k nearest neighbours of `queries`."""
+    truth, nlist = exact_knn(queries, emb, k), index.nlist
     for nprobe in [2 ** i for i in range(int(math.log2(nlist)) + 1)] + [nlist]:
         index.nprobe = nprobe
         found = index.search(queries, k)[1]
         recall = np.mean([len(np.intersect1d(a, b)) for a, b in zip(found, truth)]) / k
         if recall >= target:
             break
-    return index, (f"IVF{nlist},SQ8 with nprobe {nprobe} (recall@{k} {recall:.3f} against exact search on "
-                   f"{len(queries):,} chunks): {N:,} training chunks >= --exact_below {exact_below:,}")
+    return f"nprobe {nprobe} (recall@{k} {recall:.3f} against exact search on {len(queries):,} chunks)"
 
 
-def search(index, emb: np.ndarray, k: int, desc: str) -> np.ndarray:
-    ids = np.empty((len(emb), k), dtype=np.int64)
+def search(index, emb: np.ndarray, k: int, desc: str, keep=None) -> np.ndarray:
+    """The k nearest chunks of each row of emb, in blocks; keep(candidates, rows) picks neighbours among them."""
+    ids = []
     with tqdm(total=len(emb), unit="chunk", desc=desc, unit_scale=True) as bar:
         for i in range(0, len(emb), 8192):
-            ids[i:i + 8192] = index.search(np.asarray(emb[i:i + 8192], dtype=np.float32), k)[1]
-            bar.update(min(8192, len(emb) - i))
-    return ids
+            found = index.search(np.asarray(emb[i:i + 8192], dtype=np.float32), k)[1]
+            ids.append(keep(found, np.arange(i, i + len(found))) if keep else found.astype(np.int32))
+            bar.update(len(found))
+    return np.concatenate(ids)
 
 
-def exclude_own_sequences(candidates: np.ndarray, k: int, n: int) -> np.ndarray:
-    """Keep the first k candidates of training chunk c that no training sequence holding c can see.
+def exclude_own_sequences(candidates: np.ndarray, k: int, n: int, n_train: int = None, docs: tuple = None,
+                          rows: np.ndarray = None) -> np.ndarray:
+    """Keep the first k candidates of training chunk c (row c, or rows[i] for row i) that no training sequence
+    holding c can see; chunks from n_train on are retrieval-only (None: there are none), in no training sequence.
 
     A training sequence is n = seq_len / M consecutive chunks of the stream plus one target token, and
     holds chunk c when it starts at chunk c-n+1 .. c: its tokens span chunks c-n+1 .. c+n. A neighbour j
     brings chunks j and j+1, so it would leak the sequence's own text (its future, above all) when
     j in [c-n, c+n]. The paper drops neighbours from the query's whole document (section 2.3) for the same
-    reason; this window is exactly what causality needs, and it leaves a one-document corpus neighbours."""
-    c = np.arange(len(candidates))[:, None]
+    reason; this window is exactly what causality needs, and it leaves a one-document corpus neighbours.
+    With docs = (first, last), the documents of each training chunk's first and last token, a candidate
+    must also show none of the documents c shows: the paper's rule."""
+    c = (np.arange(len(candidates)) if rows is None else rows)[:, None]
     ok = (candidates >= 0) & ((candidates < c - n) | (candidates > c + n))
+    if n_train is not None:
+        ok |= candidates >= n_train
+    if docs is not None:                # [N, F] of candidate j shows documents first[j] .. last[j]
+        first, last = docs
+        j = np.clip(candidates, 0, len(first) - 1)
+        ok &= (candidates >= len(first)) | (last[j] < first[c]) | (first[j] > last[c])
     first = np.argsort(~ok, axis=1, kind="stable")[:, :k]
     ids = np.take_along_axis(candidates, first, 1)
     return np.where(np.take_along_axis(ok, first, 1), ids, -1).astype(np.int32)
@@ -316,6 +392,58 @@ def save(path, array):
         np.save(tmp, array)
 
 
+class Concat:
+    """Arrays back to back along their first axis, read as one without copying them (memmaps stay on disk):
+    the training stream, then each retrieval-only source's, in the database's chunk numbering."""
+
+    def __init__(self, parts: list):
+        self.parts, self.starts = parts, np.cumsum([0] + [len(p) for p in parts])
+        self.shape, self.dtype = (int(self.starts[-1]), *parts[0].shape[1:]), parts[0].dtype
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        rows = np.arange(*rows.indices(len(self))) if isinstance(rows, slice) else np.asarray(rows)
+        out = np.empty(rows.shape + self.shape[1:], self.dtype)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        for i, p in enumerate(self.parts):
+            if (sel := part == i).any():
+                out[sel] = p[rows[sel] - self.starts[i]]
+        return out
+
+
+GENERATION = ("index", "train_neighbours", "val_neighbours", "train_neighbour_ids", "val_neighbour_ids")
+GENERATION_FILE = re.compile(rf"^({'|'.join(GENERATION)})(\.\d+)?\.(faiss|npy)$")
+
+
+def generation_files(g: int) -> dict:
+    """The files an add rewrites, under new names for each generation (plain names for generation 0)."""
+    return {n: f"{n}{f'.{g}' if g else ''}{'.faiss' if n == 'index' else '.npy'}" for n in GENERATION}
+
+
+def current_file(db, meta: dict, name: str) -> Path:
+    return Path(db) / meta.get("files", generation_files(0))[name]
+
+
+def load_streams(db, meta: dict, kind: str):
+    """kind "tokens" or "emb": the training chunks', then each retrieval-only source's, as one array."""
+    names = ["train"] + [f"sources/{s['key']}" for s in meta.get("sources", [])]
+    parts = [np.load(Path(db) / f"{n}_{kind}.npy", mmap_mode="r") for n in names]
+    return parts[0] if len(parts) == 1 else Concat(parts)
+
+
+def clean(out: Path, meta: dict, sources: bool = True):
+    """Delete what meta.json does not name: the previous generation, an interrupted build's or add's files,
+    temporary files; with sources, retrieval-only texts the database no longer holds."""
+    keep = set(meta.get("files", generation_files(0)).values())
+    keys = {s["key"] for s in meta.get("sources", [])}
+    for f in [*out.iterdir(), *((out / "sources").iterdir() if (out / "sources").is_dir() else [])]:
+        if (f.name.startswith(".") and ".tmp" in f.name or f.parent == out and GENERATION_FILE.match(f.name)
+                and f.name not in keep or sources and f.parent != out and f.name.split("_")[0] not in keys):
+            f.unlink()
+
+
 def db_dir(cfg: DBConfig) -> Path:
     return Path(cfg.out or Path("data") / Path(cfg.text.rstrip("/")).stem)
 
@@ -324,11 +452,38 @@ def load_meta(path) -> dict:
     meta = Path(path) / "meta.json"
     if not meta.exists():
         raise DBError(f"{path} holds no database (no meta.json): run python build_db.py TEXT --out {path}")
-    return json.loads(meta.read_text())
+    meta = json.loads(meta.read_text())
+    if "tokenizer_sha256" not in meta:                      # a database from before the field
+        meta["tokenizer_sha256"] = tokenizer_hash(Path(path) / "tokenizer.json")
+    return meta
+
+
+def source_key(docs: list, tok_hash: str, corpus: dict) -> str:
+    """Everything a retrieval-only text's tokens and embeddings depend on."""
+    h = hashlib.sha256("\0".join(docs).encode())
+    h.update(json.dumps([tok_hash, corpus["chunk_len"], corpus["bert"], corpus["pooling"], VERSION]).encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_source(out: Path, text: str, docs: list, tok, key: str, embedder, M: int, batch_size: int,
+                   force: bool = False) -> dict:
+    """A retrieval-only text's token stream and chunk embeddings: files that exist for its key are reused."""
+    tokens, emb = out / "sources" / f"{key}_tokens.npy", out / "sources" / f"{key}_emb.npy"
+    if force or not (tokens.exists() and emb.exists()):
+        tokens.parent.mkdir(exist_ok=True)
+        stream = token_stream(tok, docs, M)
+        save(tokens, stream)
+        print(f"embedding {len(stream) // M:,} chunks of {text} on {embedder().device}")
+        embed_chunks(embedder(), tok, stream, M, batch_size, emb, f"embed {Path(text).name}")
+    stream = np.load(tokens, mmap_mode="r")
+    return dict(text=str(text), key=key, n_documents=len(docs), n_chunks=len(stream) // M,
+                n_tokens=int((stream != tok.token_to_id(PAD)).sum()))
 
 
 def build(cfg: DBConfig) -> dict:
-    """Build (or bring up to date) the database of cfg.text; returns its metadata."""
+    """Build (or bring up to date) the database of cfg.text, or grow one (cfg.add); returns its metadata."""
+    if cfg.add:
+        return add_text(cfg)
     t0, out = time.time(), db_dir(cfg)
     for bad, msg in [(cfg.chunk_len < 1 or cfg.k < 1, "--chunk_len and --k must be positive"),
                      (cfg.seq_len < cfg.chunk_len or cfg.seq_len % cfg.chunk_len,
@@ -338,24 +493,34 @@ def build(cfg: DBConfig) -> dict:
         if bad:
             raise DBError(msg)
     docs = read_documents(cfg.text)
+    sources = {p: read_documents(p) for p in dict.fromkeys(p.strip() for p in cfg.retrieval_texts.split(",")) if p}
+    given, given_hash = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else (None, None)
     digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()
-    corpus = dict(text_sha256=digest, chunk_len=cfg.chunk_len, vocab_size=cfg.vocab_size, bert=cfg.bert,
-                  pooling=cfg.pooling, val_every=cfg.val_every, version=VERSION)
-    retrieval = dict(k=cfg.k, seq_len=cfg.seq_len, exact_below=cfg.exact_below)
-    old = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
-    if not cfg.force and old.get("corpus") == corpus and old.get("retrieval") == retrieval:
-        print(f"{out} is up to date with {cfg.text} (--force rebuilds it)")
-        return old
+    corpus = dict(text_sha256=digest, chunk_len=cfg.chunk_len, vocab_size=given.get_vocab_size() if given else
+                  cfg.vocab_size, bert=cfg.bert, pooling=cfg.pooling, val_every=cfg.val_every, version=VERSION,
+                  **({"tokenizer": given_hash} if given else {}))
+    retrieval = dict(k=cfg.k, seq_len=cfg.seq_len, exact_below=cfg.exact_below,
+                     **({"exclude_own_document": True} if cfg.exclude_own_document else {}))
+    old = load_meta(out) if (out / "meta.json").exists() else {}
     redo_corpus = cfg.force or old.get("corpus") != corpus
+    if not redo_corpus:
+        clean(out, old, sources=False)
+        keys = [source_key(d, old["tokenizer_sha256"], corpus) for d in sources.values()]
+        if old.get("retrieval") == retrieval and [s["key"] for s in old.get("sources", [])] == keys:
+            print(f"{out} is up to date with {cfg.text} (--force rebuilds it)")
+            return old
 
     # 1. documents -> train / validation, by whole documents
     train_docs, val_docs = split_documents(docs, cfg.val_every)
     print(f"{cfg.text}: {len(docs)} documents, {len(train_docs)} for training, {len(val_docs)} held out")
-    M, n = cfg.chunk_len, cfg.seq_len // cfg.chunk_len
+    for path, d in sources.items():
+        warn_verbatim(path, d, {"training": train_docs, "validation": val_docs})
+    M = cfg.chunk_len
+    embedder = functools.cache(lambda: Embedder(cfg.bert, cfg.pooling, cfg.device))
     if redo_corpus:
-        embedder = Embedder(cfg.bert, cfg.pooling, cfg.device)        # fails early, before anything is written
+        embedder()                                                  # fails early, before anything is written
         # 2. tokenize with the language model's own tokenizer; cut the streams into chunks of M tokens
-        tok = train_tokenizer(train_docs, cfg.vocab_size)
+        tok = given or train_tokenizer(train_docs, cfg.vocab_size)
         train, val = token_stream(tok, train_docs, M), token_stream(tok, val_docs, M)
         if min(len(train), len(val)) < cfg.seq_len + 1:
             raise DBError(f"{cfg.text} is too short: {len(train):,} training and {len(val):,} validation tokens, "
@@ -368,70 +533,129 @@ def build(cfg: DBConfig) -> dict:
         save(out / "train_tokens.npy", train)
         save(out / "val_tokens.npy", val)
         # 3. embed every chunk with the frozen BERT
-        print(f"embedding {len(train) // M + len(val) // M:,} chunks with {cfg.bert} on {embedder.device}")
-        embed_chunks(embedder, tok, train, M, cfg.batch_size, out / "train_emb.npy", "embed train")
-        embed_chunks(embedder, tok, val, M, cfg.batch_size, out / "val_emb.npy", "embed val")
+        print(f"embedding {len(train) // M + len(val) // M:,} chunks with {cfg.bert} on {embedder().device}")
+        embed_chunks(embedder(), tok, train, M, cfg.batch_size, out / "train_emb.npy", "embed train")
+        embed_chunks(embedder(), tok, val, M, cfg.batch_size, out / "val_emb.npy", "embed val")
     else:
         (out / "meta.json").unlink()
         tok = Tokenizer.from_file(str(out / "tokenizer.json"))
         train = np.load(out / "train_tokens.npy", mmap_mode="r")
+    tok_hash = tokenizer_hash(out / "tokenizer.json")
+    # 3b. the retrieval-only texts: same tokenizer, same embedder, each stream ending with <|endoftext|>
+    sources = [prepare_source(out, path, d, tok, source_key(d, tok_hash, corpus), embedder, M, cfg.batch_size,
+                              cfg.force) for path, d in sources.items()]
+    val = np.load(out / "val_tokens.npy", mmap_mode="r")
+    pad, eot = tok.token_to_id(PAD), tok.token_to_id(SEPARATOR)
+    meta = dict(corpus=corpus, retrieval=retrieval, text=str(cfg.text), tokenizer_sha256=tok_hash,
+                pad_id=pad, eot_id=eot, vocab_size=tok.get_vocab_size(),
+                n_documents=len(docs), n_train_documents=len(train_docs), n_val_documents=len(val_docs),
+                n_train_chunks=len(train) // M, n_val_chunks=len(val) // M,
+                n_train_tokens=int((train != pad).sum()), n_val_tokens=int((val != pad).sum()),
+                n_train_bytes=sum(len(d.encode()) for d in train_docs),
+                n_val_bytes=sum(len(d.encode()) for d in val_docs), sources=sources)
+    meta = index_and_neighbours(out, meta, 0)
+    print(f"wrote {out} in {time.time() - t0:.0f}s: {meta['n_train_chunks']:,} training chunks, "
+          f"{meta['n_val_chunks']:,} validation chunks, {sum(s['n_chunks'] for s in sources):,} retrieval-only "
+          f"chunks, K={cfg.k}")
+    return meta
+
+
+def add_text(cfg: DBConfig) -> dict:
+    """--add: grow a database with a retrieval-only text. Its tokenizer and token streams stay as they are;
+    only the new chunks are embedded, and every training and validation chunk's neighbours are found again."""
+    t0 = time.time()
+    if not cfg.out:
+        raise DBError("--add needs --out DIR: the database to grow")
+    out, meta = Path(cfg.out), load_meta(cfg.out)
+    clean(out, meta, sources=False)            # an interrupted add's files; its embedded text is reused below
+    docs, tok = read_documents(cfg.add), Tokenizer.from_file(str(out / "tokenizer.json"))
+    key, c = source_key(docs, meta["tokenizer_sha256"], meta["corpus"]), meta["corpus"]
+    if key in {s["key"] for s in meta.get("sources", [])}:
+        print(f"{out} already holds {cfg.add}")
+        return meta
+    warn_verbatim(cfg.add, docs, {name: stream_documents(tok, np.load(out / f"{split}_tokens.npy"), meta["eot_id"])
+                                  for split, name in (("train", "training"), ("val", "validation"))})
+    embedder = functools.cache(lambda: Embedder(c["bert"], c["pooling"], cfg.device))
+    source = prepare_source(out, cfg.add, docs, tok, key, embedder, c["chunk_len"], cfg.batch_size)
+    index = faiss.read_index(str(current_file(out, meta, "index")))
+    meta = index_and_neighbours(out, {**meta, "sources": meta.get("sources", []) + [source]},
+                                meta.get("generation", 0) + 1, index)
+    print(f"grew {out} in {time.time() - t0:.0f}s: {source['n_chunks']:,} chunks of {cfg.add}, "
+          f"{meta['n_chunks']:,} indexed in all (generation {meta['generation']})")
+    return meta
+
+
+def index_and_neighbours(out: Path, meta: dict, generation: int, index=None) -> dict:
+    """Steps 4-6 of a build (index None) or an add (the chunks `index` lacks are added to it): index every
+    chunk, find K neighbours for each training and validation chunk, write them as `generation`, meta last."""
+    (c, r), pad, eot = (meta["corpus"], meta["retrieval"]), meta["pad_id"], meta["eot_id"]
+    M, k, n, exact_below = c["chunk_len"], r["k"], r["seq_len"] // c["chunk_len"], r["exact_below"]
+    tokens, emb = load_streams(out, meta, "tokens"), load_streams(out, meta, "emb")
     train_emb, val_emb = np.load(out / "train_emb.npy", mmap_mode="r"), np.load(out / "val_emb.npy", mmap_mode="r")
 
-    # 4. index the training chunks
+    # 4. index all chunks, training and retrieval-only
     rng = np.random.default_rng(0)
     queries = np.concatenate([np.asarray(e[np.sort(rng.choice(len(e), min(len(e), 500), replace=False))],
                                          dtype=np.float32) for e in (train_emb, val_emb)])
-    index, why = build_index(train_emb, cfg.exact_below, queries, cfg.k + 2 * n + 1)
+    if index is None or isinstance(index, faiss.IndexFlat) and len(emb) >= exact_below:
+        index, why = build_index(emb, exact_below, queries, k + 2 * n + 1)
+    else:
+        # an IVF index is not retrained: the new chunks go to the cells of the k-means it was built with, so
+        # its neighbours can differ from those of an IVF built in one go from the same texts (exact search:
+        # the same neighbours, a grown database is then exactly the one-go one)
+        added = len(emb) - index.ntotal
+        add(index, emb, index.ntotal)
+        why = f"{meta['index']}: {added:,} chunks added" + (
+            f"; {tune_nprobe(index, emb, queries, k + 2 * n + 1)}" if hasattr(index, "nprobe") else "")
     print(f"index: {why}")
-    with atomic(out / "index.faiss") as tmp:
+    files = generation_files(generation)
+    with atomic(out / files["index"]) as tmp:
         faiss.write_index(index, tmp)
     # 5. K neighbours per chunk, each stored as [N, F]; training chunks never see their own sequences
-    pad, eot = tok.token_to_id(PAD), tok.token_to_id(SEPARATOR)
-    train_ids = exclude_own_sequences(search(index, train_emb, cfg.k + 2 * n + 1, "search train"), cfg.k, n)
-    val_ids = search(index, val_emb, cfg.k, "search val").astype(np.int32)
+    docs, m = None, k + 2 * n + 1       # the sequence rule drops at most 2n + 1 candidates
+    if r.get("exclude_own_document"):   # the document of each chunk's first and last token (<|endoftext|>: its own)
+        ends, starts = np.flatnonzero(np.load(out / "train_tokens.npy") == eot), np.arange(0, len(train_emb) * M, M)
+        docs = np.searchsorted(ends, starts), np.searchsorted(ends, starts + M - 1)
+        m += 256                        # a document hides more; a chunk that still lacks some is padded (warned)
+    train_ids = search(index, train_emb, m, "search train",
+                       lambda found, rows: exclude_own_sequences(found, k, n, len(train_emb), docs, rows))
+    val_ids = search(index, val_emb, k, "search val")
     for split, ids in (("train", train_ids), ("val", val_ids)):
-        save(out / f"{split}_neighbour_ids.npy", ids)
-        save(out / f"{split}_neighbours.npy", neighbour_tokens(train, ids, M, pad, eot))
+        save(out / files[f"{split}_neighbour_ids"], ids)
+        save(out / files[f"{split}_neighbours"], neighbour_tokens(tokens, ids, M, pad, eot))
     missing = (train_ids < 0).mean()
     if missing > 0.01:
-        print(f"warning: {missing:.0%} of training neighbours are missing (padding): the text is short "
-              f"for --seq_len {cfg.seq_len}", file=sys.stderr)
+        print(f"warning: {missing:.0%} of training neighbours are missing (padding): the text is short for "
+              f"--seq_len {r['seq_len']}" + (", or its documents long" if docs else ""), file=sys.stderr)
 
-    # 6. metadata last: it marks the folder as a complete database
-    val_tokens = np.load(out / "val_tokens.npy", mmap_mode="r")
-    meta = dict(corpus=corpus, retrieval=retrieval, text=str(cfg.text), index=why.split(":")[0],
-                **({"nprobe": index.nprobe} if hasattr(index, "nprobe") else {}),
-                pad_id=pad, eot_id=eot, vocab_size=tok.get_vocab_size(), embedding_dim=int(train_emb.shape[1]),
-                n_documents=len(docs), n_train_documents=len(train_docs), n_val_documents=len(val_docs),
-                n_train_chunks=len(train) // M, n_val_chunks=len(val_tokens) // M,
-                n_train_tokens=int((train != pad).sum()), n_val_tokens=int((val_tokens != pad).sum()),
-                n_train_bytes=sum(len(d.encode()) for d in train_docs),
-                n_val_bytes=sum(len(d.encode()) for d in val_docs))
+    # 6. metadata last: it names the generation's files and marks the folder as a complete database
+    meta.pop("nprobe", None)
+    meta.update(index=why.split(":")[0], **({"nprobe": index.nprobe} if hasattr(index, "nprobe") else {}),
+                embedding_dim=int(emb.shape[1]), n_chunks=len(emb), generation=generation, files=files)
     with atomic(out / "meta.json") as tmp:
         Path(tmp).write_text(json.dumps(meta, indent=1))
-    print(f"wrote {out} in {time.time() - t0:.0f}s: {meta['n_train_chunks']:,} training chunks, "
-          f"{meta['n_val_chunks']:,} validation chunks, K={cfg.k}")
+    clean(out, meta)                    # only now: until meta.json named this generation, the last one was current
     return meta
 
 
 # ---- retrieval for new text -------------------------------------------------------------------------------
 
 class Retriever:
-    """Neighbours for chunks of new tokens, from the database's training chunks: the `retrieve` that
-    RETRO.generate calls each time a chunk completes. (B, M) token ids -> (B, K, 2M) token ids."""
+    """Neighbours for chunks of new tokens, from the database's chunks (training and retrieval-only): the
+    `retrieve` that RETRO.generate calls each time a chunk completes. (B, M) token ids -> (B, K, 2M) token ids."""
 
     def __init__(self, path, device: str = "auto"):
         self.meta = meta = load_meta(path)
         self.M, self.k = meta["corpus"]["chunk_len"], meta["retrieval"]["k"]
         self.tokenizer = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
         self.embedder = Embedder(meta["corpus"]["bert"], meta["corpus"]["pooling"], device)
-        self.index = faiss.read_index(str(Path(path) / "index.faiss"))
+        self.index = faiss.read_index(str(current_file(path, meta, "index")))
         if "nprobe" in meta:
             faiss.extract_index_ivf(self.index).nprobe = meta["nprobe"]
-        self.stream = np.load(Path(path) / "train_tokens.npy", mmap_mode="r")
+        self.stream = load_streams(path, meta, "tokens")
 
     def neighbour_ids(self, chunks) -> np.ndarray:
-        """(B, M) token ids -> (B, K) indices of the nearest training chunks, nearest first."""
+        """(B, M) token ids -> (B, K) numbers of the nearest chunks, nearest first."""
         texts = self.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True)
         return self.index.search(self.embedder(texts), self.k)[1]
 
@@ -443,7 +667,7 @@ class Retriever:
 
 
 def main(argv=None):
-    cfg = cli(DBConfig, "Build a RETRO retrieval database from a text.", argv)
+    cfg = cli(DBConfig, "Build a RETRO retrieval database from a text, or grow one (--add).", argv)
     try:
         build(cfg)
     except DBError as e:

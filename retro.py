@@ -27,9 +27,16 @@ Deviations from the paper (each is marked where it happens):
        the attending chunk sits at position m - 1 + i and a neighbour token at its index 0..2m-1.
     2. A chunk whose neighbours are all padding contributes nothing (CCA output 0), exactly as if it had
        retrieved nothing; the paper never has empty neighbours.
-    3. Feed-forward with GELU; decoder input and output embeddings tied (GPT-2). The encoder has its own
-       embedding, as the paper's default (appendix B.1.4).
+    3. Feed-forward with GELU; decoder input and output embeddings tied (GPT-2).
     4. The encoder's input H is RMS-normalised, as every other attention input is in a pre-norm model.
+    Three more make the model learn to read its neighbours in hundreds of steps rather than not at all
+    (measured with bench/copy_task.py: random tokens whose continuation is in the neighbours; README):
+    5. The encoder reads the decoder's token embedding (the paper's default is its own; its ablations find
+       sharing harmless). With its own, a copied token must pass a mapping between two random embeddings of
+       the whole vocabulary that nothing trains until CCA already works.
+    6. CCA scores get a learned bias per head and relative offset, initialised like ALiBi around the neighbour
+       token in line with the token a query predicts (a relative encoding, as the paper's is).
+    7. The final norm's gain starts at sqrt(768 / C), so the tied output layer starts at GPT-2's logit scale.
 """
 
 import functools
@@ -59,6 +66,8 @@ class RetroConfig:
     recompute_ffw: bool = True      # training: recompute the feed-forward hidden layer in backward (less memory)
     dropout: float = 0.0            # paper: 0 for pre-training, 0.25 on Wikitext103
     pad_id: int = 0                 # neighbour tokens equal to pad_id are masked out
+    share_embedding: bool = True    # the encoder reads the decoder's token embedding (paper: its own; deviation 5)
+    cca_position_bias: bool = True  # CCA heads start looking at the token in line (deviation 6; paper: none)
 
     def __post_init__(self):
         self.cca_layers, self.enc_cross_layers = tuple(self.cca_layers), tuple(self.enc_cross_layers)
@@ -122,6 +131,10 @@ def attend(q, k, v, mask=None, is_causal=False, dropout=0.0):
     let it see everything, then zero its output, so that it reads as 'nothing retrieved'."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout)
+    if mask.dtype != torch.bool:                                             # an additive bias, -inf = masked
+        any_key = (mask > float("-inf")).any(dim=-1, keepdim=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.masked_fill(~any_key, 0.0), dropout_p=dropout)
+        return y * any_key
     any_key = mask.any(dim=-1, keepdim=True)                                 # (..., Tq or 1, 1)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~any_key, dropout_p=dropout)
     return y * any_key
@@ -206,18 +219,24 @@ class NeighbourEncoder(nn.Module):
     def __init__(self, cfg: RetroConfig):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.enc_n_embd)   # its own embedding (paper default, B.1.4)
+        # deviation 5: the decoder's embedding (RETRO passes it in), so a neighbour token reaches CCA's values
+        # as the very vector the tied output layer scores; mapped to the encoder's width if it differs
+        self.wte = None if cfg.share_embedding else nn.Embedding(cfg.vocab_size, cfg.enc_n_embd)
+        self.emb_in = (nn.Linear(cfg.n_embd, cfg.enc_n_embd, bias=False)
+                         if cfg.share_embedding and cfg.n_embd != cfg.enc_n_embd else nn.Identity())
         self.ln_h = RMSNorm(cfg.n_embd)                           # deviation 4
         self.layers = nn.ModuleList(EncoderLayer(cfg, i in cfg.enc_cross_layers) for i in range(cfg.enc_n_layer))
         self.ln_f = RMSNorm(cfg.enc_n_embd)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, neighbours, h):
-        """neighbours (B, L, K, R) token ids, h (B, L, M, C) -> E (B, L, K*R, C_enc) and its mask (B, L, K*R)."""
+    def forward(self, neighbours, h, wte=None):
+        """neighbours (B, L, K, R) token ids, h (B, L, M, C), wte the decoder's embedding (deviation 5)
+        -> E (B, L, K*R, C_enc) and its mask (B, L, K*R)."""
         B, L, K, R = neighbours.shape
         M, C = h.size(2), h.size(3)
         mask = neighbours != self.cfg.pad_id                                    # (B, L, K, R)
-        x = self.drop(self.wte(neighbours)).view(B * L * K, R, -1)              # (B*L*K, R, C_enc)
+        emb = self.emb_in(wte(neighbours)) if self.wte is None else self.wte(neighbours)
+        x = self.drop(emb).view(B * L * K, R, -1)                               # (B*L*K, R, C_enc)
         h = self.ln_h(h).view(B * L, M, C)                                      # (B*L, M, C)
         pos = torch.arange(R, device=x.device)
         self_mask = mask.view(B * L * K, 1, 1, R)
@@ -256,6 +275,17 @@ class ChunkedCrossAttention(nn.Module):
         super().__init__()
         self.M = cfg.chunk_len
         self.attn = Attention(cfg.n_embd, cfg.n_head, ctx_dim=cfg.enc_n_embd, dropout=cfg.dropout)
+        self.bias = None
+        if cfg.cca_position_bias:
+            # deviation 6: a learned score bias for every head and every offset key - query (-(2m-2)..m), that
+            # starts as -slope * distance from the token in line (offset +1), slopes 1, 1/4, 1/16, ... as in
+            # ALiBi (Press et al. 2021): the first heads read the neighbour token in line from the first step,
+            # the last ones anything. Without it, finding one key of K*R at M = 64 takes the model hundreds
+            # of steps more (bench/copy_task.py).
+            M = cfg.chunk_len
+            slopes = 4.0 ** -torch.arange(cfg.n_head, dtype=torch.float32)
+            offset = torch.arange(3 * M - 1) - (2 * M - 2)                       # key position - query position
+            self.bias = nn.Parameter(-slopes[:, None] * (offset - 1).abs()[None, :])  # (H, 3M - 1)
 
     def forward(self, x, enc, enc_mask, start: int = 0, kv_cache: dict = None):
         """x (B, T, C) at positions start..start+T-1; enc (B, Lc, K*R, C_enc) and enc_mask (B, Lc, K*R)
@@ -277,6 +307,12 @@ class ChunkedCrossAttention(nn.Module):
         assert k.size(1) >= u0 + n, f"CCA needs neighbours of chunks {u0}..{u0 + n - 1}, got {k.size(1)}"
         k, v = k[:, u0:u0 + n].flatten(0, 1), v[:, u0:u0 + n].flatten(0, 1)     # (B*n, H, K*R, D)
         mask = enc_mask[:, u0:u0 + n].reshape(B * n, 1, 1, -1)
+        if self.bias is not None:   # neighbour token r vs the query at slot i: offset r - (m - 1 + i)
+            slots = torch.arange(M, device=x.device) if n > 1 else (pos + 1) % M
+            r = torch.arange(2 * M, device=x.device)
+            bias = self.bias[:, r[None, :] - slots[:, None] + M - 1]            # (H, slots, R)
+            bias = bias.repeat(1, 1, k.size(-2) // (2 * M))                     # (H, slots, K*R)
+            mask = torch.where(mask, bias.to(q.dtype), float("-inf"))           # (B*n, H, slots, K*R)
         y = self.attn.attend(q, k, v, mask)                                     # (B*n, H, M, D)
         if n > 1:
             y = y.view(B, n, H, M, -1).transpose(1, 2).flatten(2, 3)[:, :, s:s + T - skip]  # (B, H, T - skip, D)
@@ -396,6 +432,13 @@ class RETRO(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        # deviation 7: the tied output layer scores token t by wte[t] . ln_f(x), so with embeddings of std 0.02 the
+        # logits start with spread 0.02 sqrt(C) and can reach 0.02 C: 0.55 and 15 for GPT-2 (C = 768), 0.32 and 5
+        # at C = 256, too little to single out one token of 4,096 (a copy from a neighbour) until the embeddings
+        # grow. The final norm's gain starts at sqrt(768 / C) (at least 1): GPT-2's logit scale at every width.
+        nn.init.constant_(self.ln_f.weight, max(1.0, math.sqrt(768 / cfg.n_embd)))
+        if isinstance(self.encoder.emb_in, nn.Linear):     # a random projection that keeps the embeddings' norm
+            nn.init.normal_(self.encoder.emb_in.weight, std=1 / math.sqrt(cfg.n_embd))
 
     @staticmethod
     def _init_weights(m):
@@ -467,7 +510,7 @@ class RETRO(nn.Module):
         done, L = 0 if enc is None else enc.size(1), x.size(1) // M
         if L > done:
             h = x[:, done * M:L * M].reshape(B, L - done, M, C)                 # (B, L - done, M, C)
-            new, new_mask = self.encoder(neighbours[:, done:L], h)              # (B, L - done, K*R, C_enc)
+            new, new_mask = self.encoder(neighbours[:, done:L], h, self.wte)    # (B, L - done, K*R, C_enc)
             enc = new if enc is None else torch.cat((enc, new), 1)              # (B, L, K*R, C_enc)
             mask = new_mask if mask is None else torch.cat((mask, new_mask), 1)
         if cache is not None:

@@ -6,6 +6,7 @@ Train RETRO on a text file, measure what retrieval buys, and sample with retriev
     python train.py --retrofit out/baseline/ckpt.pt --out_dir out/retrofit   # RETRO-fit that baseline
     torchrun --standalone --nproc_per_node=8 train.py # several GPUs, with PyTorch DDP
     python train.py --sample "Mat5:3 Blessed are" --show_neighbours       # generate from out/ckpt.pt
+    python train.py --eval_only --db data/kjv_web     # evaluate out/ckpt.pt with another database
 
 Every option is a field of TrainConfig below; `python train.py -h` lists them with their defaults.
 """
@@ -16,7 +17,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +27,15 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from build_db import DBConfig, DBError, Retriever, build, cli, db_dir, default_device, load_meta
+from build_db import DBConfig, DBError, Retriever, build, cli, current_file, db_dir, default_device, load_meta
 from retro import RETRO, FeedForward, RetroConfig
 
 
 @dataclass
 class TrainConfig:
     data: str = "text.txt"          # text to train on (a file, a folder of .txt files, or .jsonl)
-    db: str = ""                    # its retrieval database; empty means data/<name of the text>
+    db: str = ""                    # retrieval database, used as it is if it exists; empty: data/<name of the text>
+    retrieval_texts: str = ""       # if the database is built: comma-separated texts to retrieve from, not train on
     out_dir: str = "out"            # where ckpt.pt goes
     # model (RetroConfig; the vocabulary comes from the database's tokenizer)
     block_size: int = 512           # tokens per training sequence (paper: 2048)
@@ -43,8 +45,8 @@ class TrainConfig:
     n_embd: int = 256
     cca_layers: tuple = (2, 5)      # 0-based decoder layers with chunked cross-attention
     enc_n_layer: int = 2
-    enc_n_head: int = 2
-    enc_n_embd: int = 128           # the encoder reads 2K times the decoder's tokens: narrower is cheaper
+    enc_n_head: int = 4
+    enc_n_embd: int = 256           # = n_embd: the encoder reads the decoder's embedding as it is (README: copy task)
     dropout: float = 0.0
     vocab_size: int = 4096          # BPE vocabulary, if the database has to be built
     n_neighbours: int = 2           # K neighbours per chunk; 0 trains the same decoder without retrieval
@@ -65,6 +67,7 @@ class TrainConfig:
     eval_iters: int = 8             # validation batches per periodic evaluation (the last one uses all)
     log_interval: int = 10
     resume: bool = False            # continue from out_dir/ckpt.pt
+    eval_only: bool = False         # evaluate out_dir/ckpt.pt on the database's whole validation set, no training
     seed: int = 1337
     device: str = "auto"            # auto: cuda, then mps, then cpu
     compile: bool = False           # torch.compile the model
@@ -89,7 +92,8 @@ class Data:
     def __init__(self, db: Path, meta: dict, cfg: TrainConfig):
         self.cfg, self.meta, self.M = cfg, meta, cfg.chunk_len
         self.tokens = {s: np.load(db / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val")}
-        self.neighbours = {s: np.load(db / f"{s}_neighbours.npy", mmap_mode="r") for s in ("train", "val")}
+        self.neighbours = {s: np.load(current_file(db, meta, f"{s}_neighbours"), mmap_mode="r")  # this generation's
+                           for s in ("train", "val")}
         # bytes of text behind each token, for bits per byte: a byte-level BPE token is one character per byte
         self.tokenizer = tok = Tokenizer.from_file(str(db / "tokenizer.json"))
         special = (meta["pad_id"], meta["eot_id"])
@@ -145,6 +149,41 @@ def evaluate(model, data, ctx, device, n_batches=None, desc="eval"):
     return {mode: (v / n_tokens, v / math.log(2) / n_bytes) for mode, v in nll.items()}
 
 
+@torch.no_grad()
+def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu"):
+    """The oracle check: does the model read its neighbours? Held-out loss (nats) over the positions that can
+    see neighbours, with none, the stored ones, shuffled ones (other chunks' neighbours) and the oracle
+    [C_u, C_{u+1}] as every neighbour, which holds the answer: a model that copies drops far below none."""
+    model.eval()
+    M, T, K = data.M, data.cfg.block_size, max(data.cfg.n_neighbours, 1)
+    stream, pad = data.tokens["val"], data.meta["pad_id"]
+    g = torch.Generator().manual_seed(0)
+    total, n = dict(none=0.0, stored=0.0, shuffled=0.0, oracle=0.0), 0
+    for starts in data.eval_batches(n_batches):
+        x, y, nb = data.sequences("val", starts)
+        ahead = np.stack([np.pad(stream[s * M:s * M + T + M], (0, max(0, s * M + T + M - len(stream))),
+                                 constant_values=pad) for s in starts]).astype(np.int64)
+        oracle = torch.from_numpy(ahead).unfold(1, 2 * M, M)[:, :T // M, None].expand(-1, -1, K, -1)  # (B, L, K, R)
+        nb = nb if nb is not None else oracle.new_full(oracle.shape, pad)
+        shuffled = nb.flatten(0, 1)[torch.randperm(nb.size(0) * nb.size(1), generator=g)].view_as(nb)
+        y = y[:, M - 1:].to(device)
+        for mode, neighbours in (("none", None), ("stored", nb), ("shuffled", shuffled), ("oracle", oracle)):
+            with ctx:
+                logits = model(x.to(device), None if neighbours is None else neighbours.to(device))[0][:, M - 1:]
+            total[mode] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
+                                           reduction="sum").item()
+        n += (y >= 0).sum().item()
+    model.train()
+    return {mode: v / n for mode, v in total.items()}
+
+
+def report_probe(model, data, ctx, device, print0, n_batches=16):
+    p = retrieval_probe(model, data, n_batches, ctx, device)
+    print0(f"does it read its neighbours? held-out loss where they are visible, {n_batches} batches: "
+           + ", ".join(f"{k} {v:.4f}" for k, v in p.items()) + " (oracle: the true continuation as neighbour)")
+    return p
+
+
 # ---- the schedule and the machine -----------------------------------------------------------------------
 
 def get_lr(cfg: TrainConfig, it: int) -> float:
@@ -189,22 +228,26 @@ def training_flops(model, data, device) -> float:
 
 # ---- database and checkpoints ---------------------------------------------------------------------------
 
-def prepare_db(cfg: TrainConfig) -> tuple:
-    """The database for cfg.data: built if missing, rebuilt if the text changed, refused if it was built
-    for other shapes. Settings it was built with (embedder, tokenizer size) are kept."""
+def prepare_db(cfg: TrainConfig, training: bool = True) -> tuple:
+    """An existing --db as it is (it may hold retrieval-only texts, or have grown); else the database of
+    cfg.data, built if missing, rebuilt if the text changed, with the settings it was built with (embedder,
+    tokenizer size, retrieval-only texts). Training refuses one built for other shapes."""
     want = DBConfig(text=cfg.data, out=cfg.db, chunk_len=cfg.chunk_len, k=max(cfg.n_neighbours, 2),
-                    seq_len=cfg.block_size, vocab_size=cfg.vocab_size)
+                    seq_len=cfg.block_size, vocab_size=cfg.vocab_size, retrieval_texts=cfg.retrieval_texts)
     db = db_dir(want)
     if (db / "meta.json").exists():
         c, r = (meta := load_meta(db))["corpus"], meta["retrieval"]
-        if c["chunk_len"] != cfg.chunk_len or r["k"] < cfg.n_neighbours or r["seq_len"] < cfg.block_size:
+        if training and (c["chunk_len"] != cfg.chunk_len or r["k"] < cfg.n_neighbours or r["seq_len"] < cfg.block_size):
             raise DBError(f"{db} was built with chunk_len {c['chunk_len']}, k {r['k']}, seq_len {r['seq_len']}; this "
                           f"run needs chunk_len {cfg.chunk_len}, k >= {cfg.n_neighbours}, seq_len >= {cfg.block_size}: "
                           f"run python build_db.py {cfg.data} --out {db} --chunk_len {cfg.chunk_len} "
                           f"--k {max(cfg.n_neighbours, 2)} --seq_len {cfg.block_size}, or pass --db NEW_FOLDER")
+        if cfg.db:
+            return db, meta
         want.vocab_size, want.bert, want.pooling = c["vocab_size"], c["bert"], c["pooling"]
-        want.val_every = c["val_every"]
+        want.val_every, want.exclude_own_document = c["val_every"], r.get("exclude_own_document", False)
         want.k, want.seq_len, want.exact_below = r["k"], r["seq_len"], r["exact_below"]
+        want.retrieval_texts = cfg.retrieval_texts or ",".join(s["text"] for s in meta.get("sources", []))
     return db, build(want)
 
 
@@ -217,26 +260,39 @@ def model_config(cfg: TrainConfig, meta: dict) -> RetroConfig:
         fail(f"the model flags do not fit together: {e}")
 
 
-def load_checkpoint(path: Path, meta: dict) -> dict:
-    if not path.exists():
+def load_checkpoint(path: Path, meta: dict = None, db: Path = None, ckpt: dict = None) -> dict:
+    """path's checkpoint (ckpt if it was read already), checked against the database `meta` when given: a model
+    can use any database with its tokenizer and chunk length, whatever its text, grown or not."""
+    if ckpt is None and not path.exists():
         fail(f"no checkpoint at {path}: train one first with python train.py --out_dir {path.parent}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt["corpus"] != meta["corpus"]:
-        fail(f"{path} was trained with another database (text, tokenizer or chunk length differ): "
-             f"pass the --data/--db it was trained on, or train again")
+    ckpt = ckpt or torch.load(path, map_location="cpu", weights_only=True)
+    mc, tc = ckpt["model_config"], ckpt["train_config"]
+    if meta is None:
+        return ckpt
+    if "tokenizer_sha256" not in ckpt:                 # from before the field: only the database it was trained with
+        if ckpt["corpus"] != meta["corpus"]:
+            fail(f"{path} was trained with another database (text, tokenizer or chunk length differ): "
+                 f"pass the --data/--db it was trained on, or train again")
+    elif (ckpt["tokenizer_sha256"], mc["chunk_len"], mc["vocab_size"]) != (
+            meta["tokenizer_sha256"], meta["corpus"]["chunk_len"], meta["vocab_size"]):
+        fail(f"{path} was trained with tokenizer {ckpt['tokenizer_sha256'][:8]} and chunk_len {mc['chunk_len']}; "
+             f"{db} has tokenizer {meta['tokenizer_sha256'][:8]} and chunk_len {meta['corpus']['chunk_len']}: "
+             f"pass a database with the model's tokenizer and chunk length (python build_db.py TEXT --tokenizer "
+             f"{db_dir(DBConfig(text=tc['data'], out=tc['db']))} --chunk_len {mc['chunk_len']}), or train again")
     return ckpt
 
 
-def log_eval(path: Path, step: int, r: dict, tokens_per_step: int, final: bool = False):
+def log_eval(path: Path, step: int, r: dict, tokens_per_step: int, final: bool = False, **extra):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(dict(step=step, tokens=step * tokens_per_step, final=final, loss_on=r["on"][0],
-                                bpb_on=r["on"][1], loss_off=r["off"][0], bpb_off=r["off"][1])) + "\n")
+                                bpb_on=r["on"][1], loss_off=r["off"][0], bpb_off=r["off"][1], **extra)) + "\n")
 
 
 def save_checkpoint(path: Path, raw_model, optimizer, cfg, it, meta):
     ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-            "model_config": asdict(raw_model.config), "train_config": asdict(cfg), "corpus": meta["corpus"]}
+            "model_config": asdict(raw_model.config), "train_config": asdict(cfg), "corpus": meta["corpus"],
+            "tokenizer_sha256": meta["tokenizer_sha256"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
@@ -264,7 +320,11 @@ def generate(model, data: Data, db: Path, K: int, prompt: str, cfg: TrainConfig,
 
 
 def main(argv=None):
-    cfg = cli(TrainConfig, "Train RETRO on a text file, or sample from it (--sample).", argv)
+    cfg = cli(TrainConfig, "Train RETRO on a text file; sample from (--sample) or evaluate (--eval_only) it.", argv)
+    ckpt_path, ckpt = Path(cfg.out_dir) / "ckpt.pt", None
+    if cfg.sample or cfg.eval_only:                   # a trained model: its shapes come from its checkpoint
+        tc = (ckpt := load_checkpoint(ckpt_path))["train_config"]
+        cfg = replace(cfg, **{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours")})
     # ---- the machine: torchrun or not, device, precision ----
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
@@ -289,28 +349,36 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         if master:
-            db, meta = prepare_db(cfg)
+            db, meta = prepare_db(cfg, training=ckpt is None)
         if ddp:
             torch.distributed.barrier()
         if not master:
-            db, meta = prepare_db(cfg)
+            db, meta = prepare_db(cfg, training=ckpt is None)
     except DBError as e:
         fail(e)
     data = Data(db, meta, cfg)
-    if cfg.sample:                                    # generate from a trained checkpoint
-        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", meta)
+    if ckpt is not None:                              # sample from, or evaluate, a trained model
+        load_checkpoint(ckpt_path, meta, db, ckpt)
         model = RETRO(RetroConfig(**ckpt["model_config"])).to(device).eval()
         model.load_state_dict(ckpt["model"])
-        text = generate(model, data, db, ckpt["train_config"]["n_neighbours"], cfg.sample, cfg, device)
-        print(("--- sample:\n" if cfg.show_neighbours else "") + text)
-        return text
+        if cfg.sample:
+            text = generate(model, data, db, cfg.n_neighbours, cfg.sample, cfg, device)
+            print(("--- sample:\n" if cfg.show_neighbours else "") + text)
+            return text
+        r = evaluate(model, data, ctx, device, desc="eval")   # all of it, with this database's neighbours
+        print0(f"{ckpt_path} (step {ckpt['iter']}) with {db}, held-out {meta['n_val_documents']} documents: RETRO[ON] "
+               f"loss {r['on'][0]:.4f} bpb {r['on'][1]:.4f}, RETRO[OFF] loss {r['off'][0]:.4f} bpb {r['off'][1]:.4f}")
+        r["probe"] = report_probe(model, data, ctx, device, print0)
+        log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
+                 tc["block_size"], final=True, db=str(db), probe=r["probe"])
+        return r
 
     # ---- model, optimizer, resume ----
     torch.manual_seed(cfg.seed)
     model = RETRO(model_config(cfg, meta)).to(device)
-    ckpt_path, start = Path(cfg.out_dir) / "ckpt.pt", 0
+    start = 0
     if cfg.retrofit:
-        base = load_checkpoint(Path(cfg.retrofit), meta)
+        base = load_checkpoint(Path(cfg.retrofit), meta, db)
         if base["model_config"] != asdict(model.config):
             fail(f"{cfg.retrofit} has another model config: pass the model flags it was trained with")
         model.load_state_dict(base["model"])
@@ -322,7 +390,7 @@ def main(argv=None):
         model.set_trainable(retrieval=False)          # the baseline: encoder and CCA stay unused
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path, meta)
+        ckpt = load_checkpoint(ckpt_path, meta, db)
         if ckpt["model_config"] != asdict(model.config):
             fail(f"{ckpt_path} was trained with another model config: pass its model flags, or another --out_dir")
         model.load_state_dict(ckpt["model"])
@@ -382,12 +450,15 @@ def main(argv=None):
     if master:
         save_checkpoint(ckpt_path, raw_model, optimizer, cfg, cfg.max_iters, meta)
         r = history["val"][cfg.max_iters] = evaluate(raw_model, data, ctx, device, desc="final eval")
-        log_eval(log_path, cfg.max_iters, r, tokens_per_step, final=True)
         print0(f"trained {cfg.max_iters - start} steps in {train_time / 60:.1f} min; held-out "
                f"{meta['n_val_documents']} documents: RETRO[ON] loss {r['on'][0]:.4f} bpb {r['on'][1]:.4f}, "
                f"RETRO[OFF] loss {r['off'][0]:.4f} bpb {r['off'][1]:.4f}")
+        probe = report_probe(raw_model, data, ctx, device, print0) if cfg.n_neighbours else None
+        log_eval(log_path, cfg.max_iters, r, tokens_per_step, final=True, probe=probe)
         prompt = data.tokenizer.decode(data.tokens["val"][:cfg.chunk_len // 2].tolist())  # a held-out document's start
         print0(f"sample with retrieval:\n{generate(raw_model.eval(), data, db, cfg.n_neighbours, prompt, cfg, device)}")
+        print0("what retrieval buys when the database holds more than the training text: README.md, \"Does "
+               "retrieval help?\" (bash bench/retrieval_experiment.sh)")
     if ddp:
         torch.distributed.destroy_process_group()
     return history

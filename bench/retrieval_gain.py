@@ -97,7 +97,7 @@ def main():
         tc = train.TrainConfig(**ckpt["train_config"])
         db = Path(args.db or tc.db or Path("data") / Path(tc.data.rstrip("/")).stem)
         meta = load_meta(db)
-        assert meta["corpus"] == ckpt["corpus"], f"{db} is not the database {run} was trained with"
+        train.load_checkpoint(Path(run) / "ckpt.pt", meta, db, ckpt)    # same tokenizer and chunk length
         if args.k_eval and tc.n_neighbours:
             tc.n_neighbours = args.k_eval
         data = train.Data(db, meta, tc)
