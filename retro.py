@@ -131,13 +131,10 @@ def attend(q, k, v, mask=None, is_causal=False, dropout=0.0):
     let it see everything, then zero its output, so that it reads as 'nothing retrieved'."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout)
-    if mask.dtype != torch.bool:                                             # an additive bias, -inf = masked
-        any_key = (mask > float("-inf")).any(dim=-1, keepdim=True)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.masked_fill(~any_key, 0.0), dropout_p=dropout)
-        return y * any_key
-    any_key = mask.any(dim=-1, keepdim=True)                                 # (..., Tq or 1, 1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~any_key, dropout_p=dropout)
-    return y * any_key
+    bias = mask.dtype != torch.bool                                          # additive scores, -inf = masked
+    any_key = (mask > float("-inf") if bias else mask).any(dim=-1, keepdim=True)  # (..., Tq or 1, 1)
+    mask = mask.masked_fill(~any_key, 0.0) if bias else mask | ~any_key
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout) * any_key
 
 
 class Attention(nn.Module):
@@ -223,7 +220,7 @@ class NeighbourEncoder(nn.Module):
         # as the very vector the tied output layer scores; mapped to the encoder's width if it differs
         self.wte = None if cfg.share_embedding else nn.Embedding(cfg.vocab_size, cfg.enc_n_embd)
         self.emb_in = (nn.Linear(cfg.n_embd, cfg.enc_n_embd, bias=False)
-                         if cfg.share_embedding and cfg.n_embd != cfg.enc_n_embd else nn.Identity())
+                       if cfg.share_embedding and cfg.n_embd != cfg.enc_n_embd else nn.Identity())
         self.ln_h = RMSNorm(cfg.n_embd)                           # deviation 4
         self.layers = nn.ModuleList(EncoderLayer(cfg, i in cfg.enc_cross_layers) for i in range(cfg.enc_n_layer))
         self.ln_f = RMSNorm(cfg.enc_n_embd)

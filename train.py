@@ -166,10 +166,10 @@ def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu"):
         oracle = torch.from_numpy(ahead).unfold(1, 2 * M, M)[:, :T // M, None].expand(-1, -1, K, -1)  # (B, L, K, R)
         nb = nb if nb is not None else oracle.new_full(oracle.shape, pad)
         shuffled = nb.flatten(0, 1)[torch.randperm(nb.size(0) * nb.size(1), generator=g)].view_as(nb)
-        y = y[:, M - 1:].to(device)
+        x, y = x.to(device), y[:, M - 1:].to(device)
         for mode, neighbours in (("none", None), ("stored", nb), ("shuffled", shuffled), ("oracle", oracle)):
             with ctx:
-                logits = model(x.to(device), None if neighbours is None else neighbours.to(device))[0][:, M - 1:]
+                logits = model(x, None if neighbours is None else neighbours.to(device))[0][:, M - 1:]
             total[mode] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
                                            reduction="sum").item()
         n += (y >= 0).sum().item()
@@ -266,9 +266,9 @@ def load_checkpoint(path: Path, meta: dict = None, db: Path = None, ckpt: dict =
     if ckpt is None and not path.exists():
         fail(f"no checkpoint at {path}: train one first with python train.py --out_dir {path.parent}")
     ckpt = ckpt or torch.load(path, map_location="cpu", weights_only=True)
-    mc, tc = ckpt["model_config"], ckpt["train_config"]
     if meta is None:
         return ckpt
+    mc, tc = ckpt["model_config"], ckpt["train_config"]
     if "tokenizer_sha256" not in ckpt:                 # from before the field: only the database it was trained with
         if ckpt["corpus"] != meta["corpus"]:
             fail(f"{path} was trained with another database (text, tokenizer or chunk length differ): "
