@@ -22,21 +22,28 @@ Paper symbol -> name here:
     m, k, r, n                    -> chunk_len, K, R, T
 
 Deviations from the paper (each is marked where it happens):
-    1. Rotary position embeddings (Su et al. 2021) replace the relative encodings of Transformer-XL. In CCA
-       the neighbour starts at the same position as its chunk, as in appendix B.1.2, so a query at slot i of
-       the attending chunk sits at position m - 1 + i and a neighbour token at its index 0..2m-1.
+    1. Rotary position embeddings (Su et al. 2021) replace the relative encodings of Transformer-XL in
+       self-attention and in the encoder; CCA's are deviation 6. In CCA the neighbour starts at the same
+       position as its chunk, as in appendix B.1.2, so a query at slot i of the attending chunk sits at
+       position m - 1 + i and a neighbour token at its index 0..2m-1.
     2. A chunk whose neighbours are all padding contributes nothing (CCA output 0), exactly as if it had
        retrieved nothing; the paper never has empty neighbours.
     3. Feed-forward with GELU; decoder input and output embeddings tied (GPT-2).
     4. The encoder's input H is RMS-normalised, as every other attention input is in a pre-norm model.
-    Three more make the model learn to read its neighbours in hundreds of steps rather than not at all
+    Four more make the model learn to read its neighbours in hundreds of steps rather than not at all
     (measured with bench/copy_task.py: random tokens whose continuation is in the neighbours; README):
     5. The encoder reads the decoder's token embedding (the paper's default is its own; its ablations find
        sharing harmless). With its own, a copied token must pass a mapping between two random embeddings of
        the whole vocabulary that nothing trains until CCA already works.
-    6. CCA scores get a learned bias per head and relative offset, initialised like ALiBi around the neighbour
-       token in line with the token a query predicts (a relative encoding, as the paper's is).
+    6. CCA's relative positions are a learned bias per head and offset (as in T5), not rotary, initialised
+       like ALiBi around the neighbour token in line with the token a query predicts.
     7. The final norm's gain starts at sqrt(768 / C), so the tied output layer starts at GPT-2's logit scale.
+    8. CCA starts as an induction head: the key of neighbour token j is made from token j - 1, and the query,
+       key, value and output maps start as identities (the output at the scale of a token embedding), so a
+       query finds the place in a neighbour that follows its own token and copies the next one, wherever it
+       is. Real neighbours are rarely in line with their chunk; reading by position copies the wrong token.
+    9. Token embeddings enter the residual stream multiplied by sqrt(C) (Vaswani et al. 2017), so that at init
+       the token, not the random residual branches, dominates what deviation 8's content match compares.
 """
 
 import functools
@@ -63,11 +70,13 @@ class RetroConfig:
     enc_n_embd: int = 256           # encoder width d' (paper: 896 for every model)
     enc_cross_layers: tuple = (0,)  # encoder layers that cross-attend to the retrieving chunk (paper: the 1st)
     ffw_mult: int = 4               # feed-forward width / model width (paper: 4)
-    recompute_ffw: bool = True      # training: recompute the feed-forward hidden layer in backward (less memory)
+    recompute_ffw: bool = True      # training: recompute the feed-forward's GELU in backward (less memory)
     dropout: float = 0.0            # paper: 0 for pre-training, 0.25 on Wikitext103
     pad_id: int = 0                 # neighbour tokens equal to pad_id are masked out
     share_embedding: bool = True    # the encoder reads the decoder's token embedding (paper: its own; deviation 5)
-    cca_position_bias: bool = True  # CCA heads start looking at the token in line (deviation 6; paper: none)
+    cca_position_bias: bool = True  # CCA's relative positions: a learned bias, not rotary (deviation 6; paper: none)
+    cca_induction: bool = True      # CCA starts as a copy head: keys hold the previous token (deviation 8)
+    scale_embedding: bool = True    # token embeddings enter the residual stream times sqrt(C) (deviation 9)
 
     def __post_init__(self):
         self.cca_layers, self.enc_cross_layers = tuple(self.cca_layers), tuple(self.enc_cross_layers)
@@ -156,15 +165,17 @@ class Attention(nn.Module):
         return self.out(self.attend(self.queries(x, q_pos), k, v, mask, is_causal))
 
     def queries(self, x, pos):
+        """pos: the positions to rotate by, or None for no rotary (CCA with its own position bias)."""
         B, T, C = x.shape
         q = self.q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        return apply_rotary(q, rotary(pos, q.size(-1)))
+        return q if pos is None else apply_rotary(q, rotary(pos, q.size(-1)))
 
     def keys_values(self, ctx, pos):
         *lead, S, _ = ctx.shape
         D = self.q.out_features // self.n_head
         k, v = self.kv(ctx).view(*lead, S, 2, self.n_head, D).unbind(-3)        # 2 x (..., S, H, D)
-        return apply_rotary(k.transpose(-2, -3), rotary(pos, D)), v.transpose(-2, -3)  # (..., H, S, D)
+        k, v = k.transpose(-2, -3), v.transpose(-2, -3)                          # (..., H, S, D)
+        return (k if pos is None else apply_rotary(k, rotary(pos, D))), v
 
     def attend(self, q, k, v, mask=None, is_causal=False):
         return attend(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)
@@ -184,13 +195,29 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if self.recompute and self.training and torch.is_grad_enabled():
-            # keep only x for backward and recompute the 4x wider hidden layer there: the largest
-            # activations of the model, for one extra matrix product
-            return torch.utils.checkpoint.checkpoint(self.mlp, x, use_reentrant=False)
-        return self.mlp(x)
-
-    def mlp(self, x):
+            return self.drop(GeluMLP.apply(x, self.fc.weight, self.proj.weight))
         return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class GeluMLP(torch.autograd.Function):
+    """gelu(x @ w1.T) @ w2.T that keeps x and the hidden layer h for backward, and recomputes gelu(h) there
+    instead of storing it: one of the two 4x wider activations autograd would keep, for an elementwise op."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, w1, w2):
+        h = x @ w1.t()                                                          # (..., 4C)
+        ctx.save_for_backward(x, w1, w2, h)
+        return F.gelu(h) @ w2.t()                                               # (..., C)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x, w1, w2, h = ctx.saved_tensors
+        dh = torch.ops.aten.gelu_backward(dy @ w2.to(dy.dtype), h)              # (..., 4C)
+        dw2 = dy.flatten(0, -2).t() @ F.gelu(h).flatten(0, -2)                  # (C, 4C)
+        dw1 = dh.flatten(0, -2).t() @ x.flatten(0, -2).to(dh.dtype)            # (4C, C)
+        return dh @ w1.to(dh.dtype), dw1, dw2
 
 
 # ---- the neighbour encoder --------------------------------------------------------------------------------
@@ -219,6 +246,7 @@ class NeighbourEncoder(nn.Module):
         # deviation 5: the decoder's embedding (RETRO passes it in), so a neighbour token reaches CCA's values
         # as the very vector the tied output layer scores; mapped to the encoder's width if it differs
         self.wte = None if cfg.share_embedding else nn.Embedding(cfg.vocab_size, cfg.enc_n_embd)
+        self.emb_scale = math.sqrt(cfg.enc_n_embd) if cfg.scale_embedding else 1.0
         self.emb_in = (nn.Linear(cfg.n_embd, cfg.enc_n_embd, bias=False)
                        if cfg.share_embedding and cfg.n_embd != cfg.enc_n_embd else nn.Identity())
         self.ln_h = RMSNorm(cfg.n_embd)                           # deviation 4
@@ -227,12 +255,12 @@ class NeighbourEncoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, neighbours, h, wte=None):
-        """neighbours (B, L, K, R) token ids, h (B, L, M, C), wte the decoder's embedding (deviation 5)
+        """neighbours (B, L, K, R) token ids, h (B, L, M, C), wte the decoder's embedding function (deviation 5)
         -> E (B, L, K*R, C_enc) and its mask (B, L, K*R)."""
         B, L, K, R = neighbours.shape
         M, C = h.size(2), h.size(3)
         mask = neighbours != self.cfg.pad_id                                    # (B, L, K, R)
-        emb = self.emb_in(wte(neighbours)) if self.wte is None else self.wte(neighbours)
+        emb = self.emb_in(wte(neighbours)) if self.wte is None else self.wte(neighbours) * self.emb_scale
         x = self.drop(emb).view(B * L * K, R, -1)                               # (B*L*K, R, C_enc)
         h = self.ln_h(h).view(B * L, M, C)                                      # (B*L, M, C)
         pos = torch.arange(R, device=x.device)
@@ -270,15 +298,16 @@ class ChunkedCrossAttention(nn.Module):
 
     def __init__(self, cfg: RetroConfig):
         super().__init__()
-        self.M = cfg.chunk_len
+        self.M, self.induction = cfg.chunk_len, cfg.cca_induction
         self.attn = Attention(cfg.n_embd, cfg.n_head, ctx_dim=cfg.enc_n_embd, dropout=cfg.dropout)
         self.bias = None
         if cfg.cca_position_bias:
-            # deviation 6: a learned score bias for every head and every offset key - query (-(2m-2)..m), that
-            # starts as -slope * distance from the token in line (offset +1), slopes 1, 1/4, 1/16, ... as in
-            # ALiBi (Press et al. 2021): the first heads read the neighbour token in line from the first step,
-            # the last ones anything. Without it, finding one key of K*R at M = 64 takes the model hundreds
-            # of steps more (bench/copy_task.py).
+            # deviation 6: relative positions as a learned score bias for every head and every offset
+            # key - query (-(2m-2)..m), as in T5, in place of rotary (which would also turn the content match
+            # of deviation 8 with the offset). It starts as -slope * distance from the token in line (offset
+            # +1), slopes 1, 1/4, 1/16, ... as in ALiBi (Press et al. 2021): the first heads read the neighbour
+            # token in line from the first step, the last ones anything. Without it, finding one key of K*R at
+            # M = 64 takes the model hundreds of steps more (bench/copy_task.py).
             M = cfg.chunk_len
             slopes = 4.0 ** -torch.arange(cfg.n_head, dtype=torch.float32)
             offset = torch.arange(3 * M - 1) - (2 * M - 2)                       # key position - query position
@@ -296,7 +325,8 @@ class ChunkedCrossAttention(nn.Module):
         s, u0 = (p0 + 1) % M, (p0 + 1) // M - 1         # its slot in its attending chunk, and that chunk
         n = (s + T - skip + M - 1) // M                 # attending chunks touched
         pos = torch.arange(p0, start + T, device=x.device)
-        q = self.attn.queries(x[:, skip:], M - 1 + (pos + 1) % M)               # (B, H, T - skip, D)
+        rope = None if self.bias is not None else M - 1 + (pos + 1) % M
+        q = self.attn.queries(x[:, skip:], rope)                                # (B, H, T - skip, D)
         if n > 1:   # lay the queries out by attending chunk (one chunk, as for each generated token: as is)
             q = F.pad(q, (0, 0, s, n * M - s - (T - skip)))                     # (B, H, n*M, D)
             q = q.view(B, H, n, M, -1).transpose(1, 2).flatten(0, 1)            # (B*n, H, M, D)
@@ -320,15 +350,30 @@ class ChunkedCrossAttention(nn.Module):
         completes, not once per new token."""
         R = 2 * self.M
         pos = torch.arange(enc.size(2), device=enc.device) % R                 # 0..R-1 for every neighbour
+        pos = None if self.bias is not None else pos
         if cache is None:
-            return self.attn.keys_values(enc, pos)
+            return self.project(enc, pos)
         done = cache["k"].size(1) if cache else 0
         if done < enc.size(1):
-            k, v = self.attn.keys_values(enc[:, done:], pos)                   # (B, new chunks, H, K*R, D)
+            k, v = self.project(enc[:, done:], pos)                            # (B, new chunks, H, K*R, D)
             if done:
                 k, v = torch.cat((cache["k"], k), 1), torch.cat((cache["v"], v), 1)
             cache.update(k=k, v=v)
         return cache["k"], cache["v"]
+
+
+    def project(self, enc, pos):
+        k, v = self.attn.keys_values(enc, None)                                 # (B, Lc, H, K*R, D)
+        if self.induction:
+            # deviation 8: the key of neighbour token j is computed from token j - 1 (a zero key for j = 0), the
+            # value from token j. A query holding token t then finds, by content, the place in a neighbour
+            # that follows a t, and reads what came next there: an induction head (Olsson et al. 2022) whose
+            # previous-token half is wired in. Real neighbours are rarely in line with their chunk (a
+            # paraphrase, or the same text cut at other chunk boundaries), so reading by position alone
+            # copies the wrong token; reading by content finds the right one wherever it is.
+            B, Lc, H, S, D = k.shape
+            k = F.pad(k.view(B, Lc, H, S // (2 * self.M), 2 * self.M, D)[..., :-1, :], (0, 0, 1, 0)).view_as(v)
+        return (k if pos is None else apply_rotary(k, rotary(pos, k.size(-1)))), v
 
 
 # ---- the decoder ------------------------------------------------------------------------------------------
@@ -424,6 +469,10 @@ class RETRO(nn.Module):
         self.ln_f = RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight                   # tied (deviation 3)
+        # deviation 9: the embedding enters the residual stream times sqrt(C) (Vaswani et al. 2017, section
+        # 3.4), so that the token itself, not the random residual branches, dominates the early layers at
+        # init, in the decoder and in the encoder: what deviation 8's content match compares
+        self.emb_scale = math.sqrt(cfg.n_embd) if cfg.scale_embedding else 1.0
         self.apply(self._init_weights)
         # GPT-2: scale each residual branch's output so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
@@ -434,6 +483,17 @@ class RETRO(nn.Module):
         # at C = 256, too little to single out one token of 4,096 (a copy from a neighbour) until the embeddings
         # grow. The final norm's gain starts at sqrt(768 / C) (at least 1): GPT-2's logit scale at every width.
         nn.init.constant_(self.ln_f.weight, max(1.0, math.sqrt(768 / cfg.n_embd)))
+        for block in self.blocks:
+            if block.cca is not None and cfg.cca_induction:
+                # deviation 8: start CCA as the copy it is for. q = k = identity: a query matches the keys that
+                # hold its own token (the token before the one to copy); v = identity and the output at the
+                # scale of one token embedding (std 0.02): the copied token's embedding, which the tied output
+                # layer scores highest. Exact with equal widths (train.py); partial otherwise.
+                attn, C = block.cca.attn, cfg.n_embd
+                with torch.no_grad():
+                    for w in (attn.q.weight, attn.kv.weight[:C], attn.kv.weight[C:], attn.proj.weight):
+                        nn.init.eye_(w)
+                    attn.proj.weight.mul_(0.02)
         if isinstance(self.encoder.emb_in, nn.Linear):     # a random projection that keeps the embeddings' norm
             nn.init.normal_(self.encoder.emb_in.weight, std=1 / math.sqrt(cfg.n_embd))
 
@@ -442,15 +502,20 @@ class RETRO(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
+    def embed(self, idx):
+        """Token embeddings as they enter the residual stream, multiplied by sqrt(C) (deviation 9)."""
+        return self.wte(idx) * self.emb_scale
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, neighbours=None, targets=None, return_logits: bool = True):
+    def forward(self, idx, neighbours=None, targets=None, return_logits: bool = None):
         """idx (B, T) token ids; neighbours (B, T // M, K, R) or None; targets (B, T), -1 = ignore.
-        Returns logits (B, T, vocab_size) and the mean cross-entropy (or None). For training, pass
-        return_logits=False: the loss is then computed chunk by chunk and logits is None."""
+        Returns (logits, loss). Without targets: logits (B, T, vocab_size) and None. With targets: None and
+        the mean cross-entropy, computed a block of rows at a time so that the (B, T, V) logits never exist
+        (ChunkedCrossEntropy); return_logits=True gets both, through the plain, memory-hungry path."""
         x = self.hidden(idx, neighbours)                                        # (B, T, C)
-        if not return_logits and targets is not None:
+        if targets is not None and not return_logits:
             return None, ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         logits = self.lm_head(x)                                                # (B, T, V)
         loss = None
@@ -472,7 +537,7 @@ class RETRO(nn.Module):
             assert neighbours.dim() == 4 and neighbours.shape[:2] == (B, L) and neighbours.size(3) == 2 * M, \
                 f"neighbours {tuple(neighbours.shape)}: expected (B={B}, L={L}, K, R={2 * M}) for {start + T} tokens"
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx))                                            # (B, T, C)
+        x = self.drop(self.embed(idx))                                          # (B, T, C)
         enc = enc_mask = None
         for p, block in enumerate(self.blocks):
             # H <- ATTN(H): causal self-attention
@@ -507,7 +572,7 @@ class RETRO(nn.Module):
         done, L = 0 if enc is None else enc.size(1), x.size(1) // M
         if L > done:
             h = x[:, done * M:L * M].reshape(B, L - done, M, C)                 # (B, L - done, M, C)
-            new, new_mask = self.encoder(neighbours[:, done:L], h, self.wte)    # (B, L - done, K*R, C_enc)
+            new, new_mask = self.encoder(neighbours[:, done:L], h, self.embed)  # (B, L - done, K*R, C_enc)
             enc = new if enc is None else torch.cat((enc, new), 1)              # (B, L, K*R, C_enc)
             mask = new_mask if mask is None else torch.cat((mask, new_mask), 1)
         if cache is not None:

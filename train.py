@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from build_db import DBConfig, DBError, Retriever, build, cli, current_file, db_dir, default_device, load_meta
-from retro import RETRO, FeedForward, RetroConfig
+from retro import RETRO, RetroConfig
 
 
 @dataclass
@@ -210,19 +210,14 @@ def peak_flops(cfg: TrainConfig, device_type: str) -> tuple:
 
 
 def training_flops(model, data, device) -> float:
-    """FLOPs of one training sequence (forward + backward), as torch's FlopCounterMode counts them. Model
-    FLOPs: the feed-forward recomputation (recompute_ffw) is work the model does not need, so it is left out."""
+    """FLOPs of one training sequence (forward + backward), as torch's FlopCounterMode counts them (matrix
+    products; recompute_ffw recomputes only an elementwise GELU, which is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
     x, y, nb = (t[:1].to(device) if t is not None else None for t in data.batch("train", 0, 0, 0))
-    ffws = [m for m in model.modules() if isinstance(m, FeedForward) and m.recompute]
-    for m in ffws:
-        m.recompute = False
     counter = FlopCounterMode(display=False)
     with counter:
-        model(x, nb, y, return_logits=False)[1].backward()
+        model(x, nb, y)[1].backward()
     model.zero_grad(set_to_none=True)
-    for m in ffws:
-        m.recompute = True
     return counter.get_total_flops()
 
 
@@ -430,7 +425,7 @@ def main(argv=None):
             x, y, nb = (t.to(device) if t is not None else None for t in data.batch("train", it, micro, rank))
             sync = not ddp or micro == cfg.grad_accum - 1      # DDP: all-reduce on the last micro-step only
             with ctx, (nullcontext() if sync else model.no_sync()):
-                loss = model(x, nb, y, return_logits=False)[1] / cfg.grad_accum
+                loss = model(x, nb, y)[1] / cfg.grad_accum
                 loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)

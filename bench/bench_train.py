@@ -4,8 +4,9 @@ Training and forward throughput, and peak memory, of three RETRO implementations
 What it measures, for each implementation, on CPU in fp32 with torch.set_num_threads(2) and seed 0:
     train tokens/s    one step = zero_grad + forward + cross-entropy + backward + AdamW step (lr 1e-4,
                       weight decay 0.1) on a batch of 8 x 512 random token ids; 1 warm-up step, then
-                      --steps timed steps; tokens/s = 8 * 512 / median step time. Ours computes the loss
-                      as train.py does (return_logits=False: no (B, T, V) logits held)
+                      --steps timed steps; tokens/s = 8 * 512 / median step time. Ours is called as
+                      a user would: loss = model(x, neighbours, targets)[1] (the default returns no logits
+                      and never holds the (B, T, V) logits)
     forward tokens/s  the same forward + loss under torch.no_grad() in eval mode
     peak RSS          resource.getrusage(RUSAGE_SELF).ru_maxrss of a fresh process that imports torch and
                       that one implementation, builds the model and trains, read before the forward-only
@@ -20,8 +21,8 @@ The matched config (retro.py's names; the peers' own names are in their builders
     cross-attention to the retrieving chunk in its first layer only. Token ids are >= 1 (0 is padding).
 
 Implementations:
-    ours               retro.py in the repository root, as train.py uses it (recompute_ffw=True: the feed-forward
-                       hidden layer is recomputed in backward instead of stored)
+    ours               retro.py in the repository root with its defaults (recompute_ffw=True: the feed-forward's
+                       GELU is recomputed in backward instead of stored)
     ours-no-recompute  the same with recompute_ffw=False: faster, more memory
     labml              labml-nn 0.5.1, labml_nn.transformers.retro.model (RetroModel + NearestNeighborEncoder)
     lucidrains         retro-pytorch 0.3.9 as shipped: RETRO(heads=4) is ignored, it builds 8 heads of 64
@@ -90,8 +91,8 @@ def build_ours(recompute_ffw: bool = True):
     model = RETRO(cfg)
     opt = model.configure_optimizers(weight_decay=WEIGHT_DECAY, learning_rate=LR)
 
-    def train_loss(tokens, nb):                 # as train.py does: the loss without the (B, T, V) logits
-        return model(tokens[:, :-1], nb, tokens[:, 1:], return_logits=False)[1]
+    def train_loss(tokens, nb):                 # the default call: the loss without the (B, T, V) logits
+        return model(tokens[:, :-1], nb, tokens[:, 1:])[1]
 
     def eval_loss(tokens, nb):
         return model(tokens[:, :-1], nb, tokens[:, 1:])[1]
@@ -243,6 +244,25 @@ def run_one(impl: str, steps: int) -> dict:
                 config=describe())
 
 
+def profile(impl: str, rows: int = 20):
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model, opt, train_loss, _, _ = BUILDERS[impl]()
+    tokens = torch.randint(1, VOCAB, (BATCH, SEQ + 1))
+    neighbours = torch.randint(1, VOCAB, (BATCH, SEQ // CHUNK, K, R))
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        train_loss(tokens, neighbours).backward()
+        opt.step()
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 # ---- every implementation, each in a fresh process ---------------------------------------------------------
 
 def run_all(impls, steps: int, rounds: int):
@@ -296,8 +316,12 @@ def main():
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated, for the full comparison")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after 1 warm-up step (default 5)")
     ap.add_argument("--rounds", type=int, default=3, help="runs of every implementation (default 3)")
+    ap.add_argument("--profile", action="store_true", help="with --impl: the top of torch.profiler's table "
+                    "(self CPU time) for 2 training steps after 1 warm-up step, instead of the timing")
     args = ap.parse_args()
-    if args.impl:
+    if args.impl and args.profile:
+        profile(args.impl)
+    elif args.impl:
         print(json.dumps(run_one(args.impl, args.steps)))
     else:
         impls = [i.strip() for i in args.impls.split(",") if i.strip()]

@@ -54,7 +54,7 @@ def copy_batch(B, T, M, V, step, distractors=1, misalign=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=None, help="default 300 (200 with --small)")
     p.add_argument("--eval_every", type=int, default=25)
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--distractors", type=int, default=1, help="random neighbours beside the true one")
@@ -69,7 +69,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.small:
         args.set = SMALL + args.set
-        args.steps, args.distractors, args.eval_every = 200, 0, 50
+        args.steps, args.distractors, args.eval_every = args.steps or 200, 0, 50
+    args.steps = args.steps or 300
     tc = TrainConfig()
     overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
     for k in [k for k in overrides if k in {f.name for f in fields(TrainConfig)}]:
@@ -109,7 +110,7 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = get_lr(tc, step)
         idx, targets, nb = copy_batch(B, T, M, V, step, args.distractors, args.misalign)
-        loss = model(idx, nb, targets, return_logits=False)[1]
+        loss = model(idx, nb, targets)[1]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
