@@ -107,7 +107,31 @@ class RMSNorm(nn.Module):
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            return RMSNormLean.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class RMSNormLean(torch.autograd.Function):
+    """RMSNorm for training that keeps only its input and 1/rms for backward and recomputes x / rms(x) there
+    (one elementwise product), where autograd would also keep that normalised copy of x: one activation of
+    the model's width less per norm, and a model has two or three norms per layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        acc = torch.promote_types(x.dtype, torch.float32)                      # fp32 sums (fp64 in tests)
+        rstd = torch.rsqrt(x.to(acc).pow(2).mean(-1, keepdim=True) + eps)     # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x * rstd).to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd                                          # recomputed: (..., C)
+        dxhat = dy.to(rstd.dtype) * weight
+        dw = (dy.to(rstd.dtype) * xhat).flatten(0, -2).sum(0)
+        dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        return dx.to(x.dtype), dw.to(weight.dtype), None
 
 
 # ---- rotary positions -------------------------------------------------------------------------------------
@@ -172,9 +196,12 @@ class Attention(nn.Module):
 
     def keys_values(self, ctx, pos):
         *lead, S, _ = ctx.shape
-        D = self.q.out_features // self.n_head
-        k, v = self.kv(ctx).view(*lead, S, 2, self.n_head, D).unbind(-3)        # 2 x (..., S, H, D)
-        k, v = k.transpose(-2, -3), v.transpose(-2, -3)                          # (..., H, S, D)
+        C = self.q.out_features
+        # two products with the halves of one weight rather than one product split in two: a v that is a view of
+        # a (.., S, 2C) output would keep k's half alive too, for backward
+        k, v = (F.linear(ctx, w).view(*lead, S, self.n_head, C // self.n_head).transpose(-2, -3)
+                for w in self.kv.weight.chunk(2))                                # 2 x (..., H, S, D)
+        D = C // self.n_head
         return (k if pos is None else apply_rotary(k, rotary(pos, D))), v
 
     def attend(self, q, k, v, mask=None, is_causal=False):

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from retro import RETRO, RetroConfig
 
@@ -101,6 +102,19 @@ def test_recomputing_the_feed_forward_activation_gives_the_same_gradients():
         idx, nb = data(model, K)
         model(idx, nb, idx)[1].backward()
         grads.append([p.grad for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(*grads))
+
+
+def test_the_lean_rms_norm_of_training_gives_the_plain_norms_values_and_gradients():
+    from retro import RMSNormLean
+    g = torch.Generator().manual_seed(6)
+    x, w, dy = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((3, 5, 16), (16,), (3, 5, 16)))
+    grads = []
+    for norm in (lambda x, w: RMSNormLean.apply(x, w, 1e-6), lambda x, w: F.rms_norm(x, (16,), w, 1e-6)):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = norm(xi, wi)
+        y.backward(dy)
+        grads.append((y.detach(), xi.grad, wi.grad))
     assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(*grads))
 
 

@@ -47,6 +47,7 @@ this script puts an empty stand-in module in its place before importing retro_py
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -265,7 +266,7 @@ def profile(impl: str, rows: int = 20):
 
 # ---- every implementation, each in a fresh process ---------------------------------------------------------
 
-def run_all(impls, steps: int, rounds: int):
+def run_all(impls, steps: int, rounds: int, release: bool = False):
     """Each round runs every implementation once, in a fresh process, one after another (the machine has 2
     cores); rounds alternate the order, and the table reports each number's median over the rounds, so a
     slow spell of the machine does not favour whoever ran during it."""
@@ -273,8 +274,9 @@ def run_all(impls, steps: int, rounds: int):
     for k in range(rounds):
         for impl in impls if k % 2 == 0 else impls[::-1]:
             print(f"round {k + 1}/{rounds}: {impl} ...", file=sys.stderr, flush=True)
+            env = {**os.environ, **({"MALLOC_TRIM_THRESHOLD_": "0"} if release else {})}
             proc = subprocess.run([sys.executable, __file__, "--impl", impl, "--steps", str(steps)],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=env)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
             if proc.returncode != 0 or not lines:
                 print(f"{impl} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -290,7 +292,8 @@ def run_all(impls, steps: int, rounds: int):
     base = results.get("labml")
     ratio = lambda r, key: f"{r[key] / base[key]:.2f}" if base else "-"
     print(f"\nCPU fp32, 2 threads, batch {BATCH} x {SEQ} tokens; each run: median of {steps} steps after 1 "
-          f"warm-up; table: median over {rounds} rounds (torch {torch.__version__})\n")
+          f"warm-up; table: median over {rounds} rounds (torch {torch.__version__})"
+          + ("; every process with MALLOC_TRIM_THRESHOLD_=0" if release else "") + "\n")
     print("| implementation | parameters | train tokens/s | train vs labml | forward tokens/s "
           "| peak RSS GiB | peak RSS vs labml |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -316,6 +319,9 @@ def main():
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated, for the full comparison")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after 1 warm-up step (default 5)")
     ap.add_argument("--rounds", type=int, default=3, help="runs of every implementation (default 3)")
+    ap.add_argument("--release_memory", action="store_true", help="run every implementation with "
+                    "MALLOC_TRIM_THRESHOLD_=0, so that glibc returns freed memory to the system and peak RSS "
+                    "follows the memory in use rather than what the allocator keeps cached")
     ap.add_argument("--profile", action="store_true", help="with --impl: the top of torch.profiler's table "
                     "(self CPU time) for 2 training steps after 1 warm-up step, instead of the timing")
     args = ap.parse_args()
@@ -328,7 +334,7 @@ def main():
         unknown = set(impls) - set(IMPLS)
         if unknown:
             ap.error(f"unknown implementations {sorted(unknown)}; choose from {IMPLS}")
-        run_all(impls, args.steps, args.rounds)
+        run_all(impls, args.steps, args.rounds, args.release_memory)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ The tables of the README's "Does retrieval help?" from what bench/retrieval_expe
 
 Every number is read from the models' log.jsonl (the final evaluation of training) and eval.jsonl (train.py
 --eval_only with each database): held-out bits per byte with retrieval (RETRO[ON]) and without (RETRO[OFF]),
-and the oracle check (held-out loss in nats where neighbours are visible: none, stored, shuffled, oracle).
+and the oracle check (held-out loss in nats where neighbours are visible: none, stored, shuffled, oracle);
+and, from overlap.jsonl (bench/overlap_split.py), held-out bpb split by how much of each chunk its neighbours hold.
 """
 
 import json
@@ -52,6 +53,19 @@ def main(dirs):
                 cells += [f"{r['bpb_on']:.4f}", f"{r['probe']['stored']:.3f} / {r['probe']['oracle']:.3f}"] if r \
                     else ["-", "-"]
             print(f"| {db} | {n:,} | " + " | ".join(cells) + " |")
+        rows = [json.loads(line) for line in (d / "overlap.jsonl").read_text().splitlines()] \
+            if (d / "overlap.jsonl").exists() else []
+        if rows:
+            print("\nHeld-out bpb RETRO[ON] / RETRO[OFF] by the longest run of a chunk's tokens found in its neighbours "
+                  "(share of held-out tokens in brackets; bench/overlap_split.py):\n")
+            buckets = [tuple(b["bucket"]) for b in rows[0]["rows"]]
+            print("| model | database | " + " | ".join(f"{lo:.0%}-{hi:.0%}" for lo, hi in buckets) + " |")
+            print("|---|---|" + "---:|" * len(buckets))
+            for r in rows:
+                by = {tuple(b["bucket"]): b for b in r["rows"]}
+                print(f"| {Path(r['out_dir']).name} | {Path(r['db']).name} | " + " | ".join(
+                    f"{by[b]['bpb_on']:.3f} / {by[b]['bpb_off']:.3f} ({by[b]['share']:.0%})" if b in by else "-"
+                    for b in buckets) + " |")
         print()
 
 

@@ -1,0 +1,95 @@
+"""
+Held-out bits per byte of a trained model, split by how much of each chunk its neighbours hold (the paper's
+section 2.6: the longest run of tokens of the chunk that also occurs in one of the neighbours it reads, as a
+share of the chunk). With RETRO[ON] and RETRO[OFF] side by side, it shows where retrieval's gain comes from:
+text the database nearly holds, or text it does not.
+
+    python bench/overlap_split.py --out_dir out/exp/retro_web --db data/kjv_web
+
+Every held-out sequence of the database (the evaluation of train.py --eval_only); the positions that read chunk
+u's neighbours (from the last token of chunk u on) predict the tokens of chunk u+1, which are the ones
+measured against those neighbours. The first M-1 positions of a sequence read nothing and are left out.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from build_db import load_meta  # noqa: E402
+from retro import RETRO, RetroConfig  # noqa: E402
+from train import Data, TrainConfig, load_checkpoint  # noqa: E402
+
+BUCKETS = [(0.0, 0.125), (0.125, 0.25), (0.25, 0.5), (0.5, 1.01)]
+
+
+def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest run of consecutive tokens of a that also occurs in b (dynamic programming)."""
+    best, prev = 0, np.zeros(len(b) + 1, dtype=np.int32)
+    for t in a:
+        cur = np.zeros_like(prev)
+        cur[1:] = np.where(b == t, prev[:-1] + 1, 0)
+        best, prev = max(best, int(cur.max())), cur
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--db", required=True)
+    p.add_argument("--json", default="", help="append the result as one JSON line to this file")
+    args = p.parse_args(argv)
+    ckpt_path, db = Path(args.out_dir) / "ckpt.pt", Path(args.db)
+    meta = load_meta(db)
+    ckpt = load_checkpoint(ckpt_path, meta, db, load_checkpoint(ckpt_path))
+    tc = ckpt["train_config"]
+    cfg = TrainConfig(**{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours", "batch_size")})
+    data = Data(db, meta, cfg)
+    model = RETRO(RetroConfig(**ckpt["model_config"])).eval()
+    model.load_state_dict(ckpt["model"])
+    M, pad = cfg.chunk_len, meta["pad_id"]
+    sums = {b: dict(on=0.0, off=0.0, bytes=0, tokens=0) for b in BUCKETS}
+    with torch.no_grad():
+        for starts in data.eval_batches():
+            x, y, nb = data.sequences("val", starts)
+            nll = {mode: F.cross_entropy(model(x, n)[0].flatten(0, 1), y.flatten(), ignore_index=-1,
+                                         reduction="none").view(y.shape) for mode, n in (("on", nb), ("off", None))}
+            nbytes = data.token_bytes[y.clamp(min=0)] * (y >= 0)
+            for i in range(x.size(0)):
+                for u in range(x.size(1) // M):
+                    pos = slice(u * M + M - 1, min((u + 1) * M + M - 1, x.size(1)))   # positions reading chunk u's
+                    target = y[i, pos].numpy()
+                    target = target[target >= 0]
+                    if len(target) == 0:
+                        continue
+                    run = max(longest_common_run(target, n[n != pad].numpy()) for n in nb[i, u])
+                    b = next(b for b in BUCKETS if b[0] <= run / len(target) < b[1])
+                    for mode in ("on", "off"):
+                        sums[b][mode] += nll[mode][i, pos].sum().item()
+                    sums[b]["bytes"] += nbytes[i, pos].sum().item()
+                    sums[b]["tokens"] += len(target)
+    total = sum(s["tokens"] for s in sums.values())
+    print(f"{ckpt_path} with {db}: held-out bpb by the longest run of a chunk's tokens found in its neighbours")
+    print("| longest run / chunk | held-out tokens | bpb RETRO[ON] | bpb RETRO[OFF] | ON vs OFF |")
+    print("|---|---:|---:|---:|---:|")
+    rows = []
+    for (lo, hi), s in sums.items():
+        if not s["tokens"]:
+            continue
+        on, off = (s[m] / math.log(2) / s["bytes"] for m in ("on", "off"))
+        rows.append(dict(bucket=[lo, min(hi, 1.0)], share=s["tokens"] / total, bpb_on=on, bpb_off=off))
+        print(f"| {lo:.0%}-{min(hi, 1.0):.0%} | {s['tokens'] / total:.1%} | {on:.4f} | {off:.4f} | {on / off - 1:+.1%} |")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(dict(out_dir=args.out_dir, db=args.db, rows=rows)) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
