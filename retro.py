@@ -196,12 +196,11 @@ class Attention(nn.Module):
 
     def keys_values(self, ctx, pos):
         *lead, S, _ = ctx.shape
-        C = self.q.out_features
+        D = self.q.out_features // self.n_head
         # two products with the halves of one weight rather than one product split in two: a v that is a view of
         # a (.., S, 2C) output would keep k's half alive too, for backward
-        k, v = (F.linear(ctx, w).view(*lead, S, self.n_head, C // self.n_head).transpose(-2, -3)
+        k, v = (F.linear(ctx, w).view(*lead, S, self.n_head, D).transpose(-2, -3)
                 for w in self.kv.weight.chunk(2))                                # 2 x (..., H, S, D)
-        D = C // self.n_head
         return (k if pos is None else apply_rotary(k, rotary(pos, D))), v
 
     def attend(self, q, k, v, mask=None, is_causal=False):
@@ -388,8 +387,8 @@ class ChunkedCrossAttention(nn.Module):
             cache.update(k=k, v=v)
         return cache["k"], cache["v"]
 
-
     def project(self, enc, pos):
+        """Keys and values of enc (B, Lc, K*R, C_enc); rotary at pos, or none (pos None)."""
         k, v = self.attn.keys_values(enc, None)                                 # (B, Lc, H, K*R, D)
         if self.induction:
             # deviation 8: the key of neighbour token j is computed from token j - 1 (a zero key for j = 0), the
@@ -399,7 +398,8 @@ class ChunkedCrossAttention(nn.Module):
             # paraphrase, or the same text cut at other chunk boundaries), so reading by position alone
             # copies the wrong token; reading by content finds the right one wherever it is.
             B, Lc, H, S, D = k.shape
-            k = F.pad(k.view(B, Lc, H, S // (2 * self.M), 2 * self.M, D)[..., :-1, :], (0, 0, 1, 0)).view_as(v)
+            k = k.view(B, Lc, H, S // (2 * self.M), 2 * self.M, D)                # (B, Lc, H, K, R, D)
+            k = F.pad(k[..., :-1, :], (0, 0, 1, 0)).view(B, Lc, H, S, D)        # key j <- token j - 1
         return (k if pos is None else apply_rotary(k, rotary(pos, k.size(-1)))), v
 
 

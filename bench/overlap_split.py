@@ -22,21 +22,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_db import load_meta  # noqa: E402
 from retro import RETRO, RetroConfig  # noqa: E402
+from retrieval_gain import longest_shared_run  # noqa: E402
 from train import Data, TrainConfig, load_checkpoint  # noqa: E402
 
 BUCKETS = [(0.0, 0.125), (0.125, 0.25), (0.25, 0.5), (0.5, 1.01)]
-
-
-def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the longest run of consecutive tokens of a that also occurs in b (dynamic programming)."""
-    best, prev = 0, np.zeros(len(b) + 1, dtype=np.int32)
-    for t in a:
-        cur = np.zeros_like(prev)
-        cur[1:] = np.where(b == t, prev[:-1] + 1, 0)
-        best, prev = max(best, int(cur.max())), cur
-    return best
 
 
 def main(argv=None):
@@ -61,19 +53,21 @@ def main(argv=None):
             nll = {mode: F.cross_entropy(model(x, n)[0].flatten(0, 1), y.flatten(), ignore_index=-1,
                                          reduction="none").view(y.shape) for mode, n in (("on", nb), ("off", None))}
             nbytes = data.token_bytes[y.clamp(min=0)] * (y >= 0)
+            L = x.size(1) // M
             for i in range(x.size(0)):
-                for u in range(x.size(1) // M):
-                    pos = slice(u * M + M - 1, min((u + 1) * M + M - 1, x.size(1)))   # positions reading chunk u's
-                    target = y[i, pos].numpy()
-                    target = target[target >= 0]
-                    if len(target) == 0:
+                # row u: the targets of the positions that read chunk u's neighbours (-2: none, matches nothing)
+                targets = F.pad(y[i, M - 1:], (0, M - 1), value=-2).view(L, M).numpy()    # (L, M)
+                runs = longest_shared_run(np.where(targets < 0, -2, targets), nb[i].numpy(), pad)   # (L,)
+                for u in range(L):
+                    pos = slice(u * M + M - 1, min((u + 1) * M + M - 1, x.size(1)))
+                    n_valid = int((targets[u] >= 0).sum())
+                    if n_valid == 0:
                         continue
-                    run = max(longest_common_run(target, n[n != pad].numpy()) for n in nb[i, u])
-                    b = next(b for b in BUCKETS if b[0] <= run / len(target) < b[1])
+                    b = next(b for b in BUCKETS if b[0] <= runs[u] / n_valid < b[1])
                     for mode in ("on", "off"):
                         sums[b][mode] += nll[mode][i, pos].sum().item()
                     sums[b]["bytes"] += nbytes[i, pos].sum().item()
-                    sums[b]["tokens"] += len(target)
+                    sums[b]["tokens"] += n_valid
     total = sum(s["tokens"] for s in sums.values())
     print(f"{ckpt_path} with {db}: held-out bpb by the longest run of a chunk's tokens found in its neighbours")
     print("| longest run / chunk | held-out tokens | bpb RETRO[ON] | bpb RETRO[OFF] | ON vs OFF |")
