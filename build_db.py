@@ -6,6 +6,8 @@ Build RETRO's retrieval database from a text, and retrieve from it (section 2.3 
     python build_db.py text.txt --retrieval_texts web.txt,more/    # also retrieve from texts never trained on
     python build_db.py --add news.jsonl --out data/text            # grow a database, e.g. after training
     python build_db.py other.txt --tokenizer data/text             # a database for a model trained on data/text
+    python build_db.py --show "And God said" --out data/text       # a text's nearest chunks; or --show train:120
+    python build_db.py --serve --out data/text --port 8000         # serve it over HTTP (README: the server)
 
 Input: a UTF-8 text file whose documents are separated by lines holding only <|endoftext|> (a file without
 such lines is one document), a folder of .txt files (one document each), or a .jsonl file (one document per
@@ -39,6 +41,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -75,6 +78,10 @@ class DBConfig:
     exact_below: int = 100_000      # exact search below this many indexed chunks, IVF above
     device: str = "auto"            # embedder device: auto (cuda, mps, cpu), or a torch device
     force: bool = False             # rebuild even if the database is up to date
+    show: str = ""                  # print the neighbours of this text, or of train:N / val:N, in --out (or a server)
+    serve: bool = False             # serve the database --out over HTTP (README: "The retrieval server")
+    host: str = "127.0.0.1"         # --serve: the address to listen on (0.0.0.0: every interface)
+    port: int = 8000                # --serve: the port (0: any free one)
 
 
 class DBError(Exception):
@@ -184,9 +191,10 @@ def train_tokenizer(docs: list, vocab_size: int) -> Tokenizer:
     return tok
 
 
-def tokenizer_hash(path) -> str:
-    """sha256 of a tokenizer's vocabulary and merges: what a trained model depends on, not the file's layout."""
-    model = json.loads(Path(path).read_text())["model"]
+def tokenizer_hash(path, text: str = None) -> str:
+    """sha256 of a tokenizer's vocabulary and merges (its file, or the file's text): what a trained model
+    depends on, not the file's layout."""
+    model = json.loads(text or Path(path).read_text())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]  # both JSON forms
     vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps([vocab, merges]).encode()).hexdigest()
@@ -638,7 +646,7 @@ def index_and_neighbours(out: Path, meta: dict, generation: int, index=None) -> 
     return meta
 
 
-# ---- retrieval for new text -------------------------------------------------------------------------------
+# ---- retrieval for new text: in this process, or from a server -------------------------------------------
 
 class Retriever:
     """Neighbours for chunks of new tokens, from the database's chunks (training and retrieval-only): the
@@ -653,23 +661,229 @@ class Retriever:
         if "nprobe" in meta:
             faiss.extract_index_ivf(self.index).nprobe = meta["nprobe"]
         self.stream = load_streams(path, meta, "tokens")
+        self.lock = threading.Lock()    # one search at a time (a server's threads): each uses every core
 
-    def neighbour_ids(self, chunks) -> np.ndarray:
-        """(B, M) token ids -> (B, K) numbers of the nearest chunks, nearest first."""
-        texts = self.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True)
-        return self.index.search(self.embedder(texts), self.k)[1]
+    def query(self, chunks=None, texts=None, k: int = None) -> dict:
+        """(B, M) token ids, or B texts -> the k nearest chunks of each, nearest first: their numbers "ids"
+        (B, k), squared L2 "distances" (B, k) between unit embeddings (= 2 - 2 cos), and "neighbours"
+        (B, k, 2M), each chunk's tokens [N, F]."""
+        with self.lock:
+            if texts is None:
+                texts = self.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True)
+            distances, ids = self.index.search(self.embedder(texts), k or self.k)
+        return dict(ids=ids, distances=distances, neighbours=neighbour_tokens(
+            self.stream, ids, self.M, self.meta["pad_id"], self.meta["eot_id"]))
 
     def __call__(self, chunks):
         assert chunks.shape[-1] == self.M, f"chunks {tuple(chunks.shape)}: expected (B, {self.M})"
-        tokens = neighbour_tokens(self.stream, self.neighbour_ids(chunks), self.M, self.meta["pad_id"],
-                                  self.meta["eot_id"])
-        return torch.as_tensor(tokens.astype(np.int64), device=getattr(chunks, "device", None))
+        tokens = np.asarray(self.query(chunks)["neighbours"], dtype=np.int64)
+        return torch.as_tensor(tokens, device=getattr(chunks, "device", None))
+
+
+class RemoteRetriever(Retriever):
+    """A Retriever whose database is served by `python build_db.py --serve` at url (http://host:port): the
+    same neighbours, token for token; the database's metadata and tokenizer come from the server too."""
+
+    def __init__(self, url: str, timeout: float = 120):
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self.meta = meta = self.request("/meta")
+        self.M, self.k = meta["corpus"]["chunk_len"], meta["retrieval"]["k"]
+        text = self.request("/tokenizer.json")
+        if tokenizer_hash(None, text) != meta["tokenizer_sha256"]:
+            raise DBError(f"{self.url} sent a tokenizer that does not match its metadata: restart the server")
+        self.tokenizer = Tokenizer.from_str(text)
+
+    def request(self, path: str, body: dict = None):
+        import urllib.error
+        import urllib.request
+        data = None if body is None else json.dumps(body).encode()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.url + path, data, {
+                    "Content-Type": "application/json"}), timeout=self.timeout) as r:
+                answer = r.read().decode()
+        except urllib.error.HTTPError as e:
+            raise DBError(f"{self.url}{path} answered {e.code}: {e.read().decode(errors='replace').strip()}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise DBError(f"cannot reach a retrieval server at {self.url} ({getattr(e, 'reason', e)}): start one "
+                          f"with python build_db.py --serve --out DB --port PORT") from None
+        return answer if path == "/tokenizer.json" else json.loads(answer)
+
+    def query(self, chunks=None, texts=None, k: int = None) -> dict:
+        body = {"chunks": chunks.tolist()} if texts is None else {"texts": list(texts)}
+        r = self.request("/neighbours", {**body, **({"k": k} if k else {})})
+        return dict(ids=np.array(r["ids"]), distances=np.array(r["distances"], dtype=np.float32),
+                    neighbours=np.array(r["neighbours"], dtype=np.int64))
+
+
+def connect(db, device: str = "auto") -> Retriever:
+    """A database folder, or the http://host:port address of a server: a Retriever either way."""
+    return RemoteRetriever(str(db)) if str(db).startswith(("http://", "https://")) else Retriever(db, device)
+
+
+# ---- the retrieval server: python build_db.py --serve --out DB ---------------------------------------------
+
+MAX_BODY, MAX_CHUNKS = 1 << 20, 256     # bytes per request body, chunks (or texts) per request
+
+
+class BadRequest(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def parse_query(body: bytes, meta: dict) -> dict:
+    """A /neighbours request body -> Retriever.query's arguments, or BadRequest naming what is wrong."""
+    M, V, K = meta["corpus"]["chunk_len"], meta["vocab_size"], meta["retrieval"]["k"]
+    try:
+        q = json.loads(body)
+    except ValueError as e:             # UnicodeDecodeError is one
+        raise BadRequest(400, f"the body is not JSON: {e}") from None
+    if not isinstance(q, dict) or ("chunks" in q) == ("texts" in q) or set(q) - {"chunks", "texts", "k"}:
+        raise BadRequest(400, 'the body must be a JSON object with "chunks" (lists of token ids) or "texts" '
+                              '(strings), and optionally "k"')
+    k = q.get("k", K)
+    if type(k) is not int or not 1 <= k <= K:
+        raise BadRequest(400, f'"k" must be an integer from 1 to {K}, not {json.dumps(k)}')
+    name = "chunks" if "chunks" in q else "texts"
+    items = q[name]
+    if not isinstance(items, list) or not items or len(items) > MAX_CHUNKS:
+        raise BadRequest(400, f'"{name}" must be a list of 1 to {MAX_CHUNKS} {name}')
+    if name == "texts":
+        if not all(isinstance(t, str) for t in items):
+            raise BadRequest(400, '"texts" must hold strings')
+        return dict(texts=items, k=k)
+    for i, c in enumerate(items):
+        if not isinstance(c, list) or len(c) != M or not all(type(t) is int for t in c):
+            raise BadRequest(400, f"chunk {i} must be a list of {M} integer token ids (this database's chunk_len)")
+        if not all(0 <= t < V for t in c):
+            raise BadRequest(400, f"chunk {i} holds a token id outside 0..{V - 1} (this database's vocabulary)")
+    return dict(chunks=np.array(items, dtype=np.int64), k=k)
+
+
+def make_server(db, host: str = "127.0.0.1", port: int = 8000, device: str = "auto"):
+    """A threaded HTTP server of the database folder db (port 0: a free one). It reads only that folder, and
+    answers GET /meta (meta.json and the server's limits), GET /tokenizer.json, and POST /neighbours."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    retriever = Retriever(db, device)
+    meta = {**retriever.meta, "server": dict(max_body_bytes=MAX_BODY, max_chunks=MAX_CHUNKS)}
+    tokenizer_json = (Path(db) / "tokenizer.json").read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = 60                    # seconds a client may take to send its request
+
+        def answer(self, code: int, body, kind: str = "application/json"):
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/meta":
+                self.answer(200, meta)
+            elif self.path == "/tokenizer.json":
+                self.answer(200, tokenizer_json)
+            else:
+                self.answer(404, {"error": f"no {self.path}: GET /meta, GET /tokenizer.json, POST /neighbours"})
+
+        def do_POST(self):
+            try:
+                if self.path != "/neighbours":
+                    raise BadRequest(404, f"no {self.path}: POST /neighbours")
+                size = self.headers.get("Content-Length", "")
+                if not size.isdigit():
+                    raise BadRequest(411, "the request needs a Content-Length header")
+                if int(size) > MAX_BODY:
+                    left = int(size) if int(size) <= 64 * MAX_BODY else 0   # read a body up to 64 MiB, so that
+                    while left > 0 and self.rfile.read(min(left, 1 << 16)):  # its sender gets this answer and
+                        left -= 1 << 16                                     # not a broken pipe
+                    self.close_connection = True
+                    raise BadRequest(413, f"the body has {int(size):,} bytes, more than {MAX_BODY:,}: send fewer "
+                                          f"chunks per request")
+                r = retriever.query(**parse_query(self.rfile.read(int(size)), meta))
+                self.answer(200, {name: v.tolist() for name, v in r.items()})
+            except BadRequest as e:
+                self.answer(e.code, {"error": str(e)})
+
+        def log_request(self, code="-", size="-"):      # errors only: a generator sends one request per chunk
+            if str(code)[0] != "2":
+                super().log_request(code, size)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve(cfg: DBConfig):
+    server = make_server(db_dir(cfg), cfg.host, cfg.port, cfg.device)
+    host, port = server.server_address[:2]
+    print(f"serving {db_dir(cfg)} at http://{host}:{port} (GET /meta, GET /tokenizer.json, POST /neighbours); "
+          f"Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# ---- a look inside: python build_db.py --show TEXT, or --show train:N / val:N ------------------------------
+
+def where(meta: dict, i: int) -> str:
+    """Which text a chunk number belongs to."""
+    if i < 0:
+        return "none (padding)"
+    if i < meta["n_train_chunks"]:
+        return f"chunk {i} (training text)"
+    i -= meta["n_train_chunks"]
+    for s in meta.get("sources", []):
+        if i < s["n_chunks"]:
+            return f"chunk {i + meta['n_train_chunks']} ({s['text']}, its chunk {i})"
+        i -= s["n_chunks"]
+    return f"chunk {i} (not in this database)"
+
+
+def show(cfg: DBConfig):
+    """Print what retrieval finds: for a text, each of its chunks' K nearest chunks (a database folder or a
+    server's address); for train:N or val:N, the neighbours stored for that chunk of the stream."""
+    db = str(cfg.out) if str(cfg.out).startswith("http") else db_dir(cfg)
+    if m := re.fullmatch(r"(train|val):(\d+)", cfg.show.strip()):
+        split, c = m[1], int(m[2])
+        meta = load_meta(db)
+        if c >= meta[f"n_{split}_chunks"]:
+            raise DBError(f"{db} has {meta[f'n_{split}_chunks']:,} {split} chunks: pass {split}:0 to "
+                          f"{split}:{meta[f'n_{split}_chunks'] - 1}")
+        M, tok = meta["corpus"]["chunk_len"], Tokenizer.from_file(str(Path(db) / "tokenizer.json"))
+        chunks = np.load(Path(db) / f"{split}_tokens.npy", mmap_mode="r")[c * M:(c + 1) * M][None]
+        ids = np.load(current_file(db, meta, f"{split}_neighbour_ids"), mmap_mode="r")[c][None].astype(np.int64)
+        emb, query = load_streams(db, meta, "emb"), np.load(Path(db) / f"{split}_emb.npy", mmap_mode="r")[c]
+        dist = ((emb[np.clip(ids[0], 0, None)].astype(np.float32) - query.astype(np.float32)) ** 2).sum(-1)[None]
+        r = dict(ids=ids, distances=dist, neighbours=np.load(current_file(db, meta, f"{split}_neighbours"),
+                                                             mmap_mode="r")[c][None])
+        print(f"{db}, {split} chunk {c}, its stored neighbours (what training and evaluation read):")
+    else:
+        retriever = connect(db, cfg.device)
+        meta, M, tok = retriever.meta, retriever.M, retriever.tokenizer
+        ids = tok.encode(cfg.show).ids
+        chunks = np.array([ids[i:i + M] + [meta["pad_id"]] * (M - len(ids[i:i + M])) for i in range(0, len(ids), M)])
+        if not len(chunks):
+            raise DBError("--show needs some text, or train:N / val:N")
+        r = retriever.query(chunks)
+        print(f"{db}: the {retriever.k} nearest chunks of each of the {len(chunks)} chunks of {M} tokens of the text:")
+    text = lambda t: repr(tok.decode(np.asarray(t).tolist(), skip_special_tokens=True))
+    for b in range(len(chunks)):
+        print(f"chunk {b}: {text(chunks[b])}")
+        for j, (i, d) in enumerate(zip(r["ids"][b], r["distances"][b])):
+            print(f"  neighbour {j}: {where(meta, int(i))}, distance {d:.3f}\n    N: {text(r['neighbours'][b][j][:M])}"
+                  f"\n    F: {text(r['neighbours'][b][j][M:])}")
 
 
 def main(argv=None):
-    cfg = cli(DBConfig, "Build a RETRO retrieval database from a text, or grow one (--add).", argv)
+    cfg = cli(DBConfig, "Build a RETRO retrieval database from a text, grow one (--add), serve one (--serve), or "
+                        "look inside one (--show).", argv)
     try:
-        build(cfg)
+        serve(cfg) if cfg.serve else show(cfg) if cfg.show else build(cfg)
     except DBError as e:
         sys.exit(f"build_db.py: error: {e}")
 

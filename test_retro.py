@@ -535,9 +535,11 @@ import os                                                               # noqa: 
 import re                                                               # noqa: E402
 import shutil                                                           # noqa: E402
 import subprocess                                                       # noqa: E402
+from dataclasses import replace                                         # noqa: E402
 from pathlib import Path                                                # noqa: E402
 
 import numpy as np                                                      # noqa: E402
+from tokenizers import Tokenizer                                        # noqa: E402
 
 import build_db                                                         # noqa: E402
 from build_db import SEPARATOR, DBConfig, build                         # noqa: E402
@@ -673,7 +675,7 @@ def test_a_chunk_queried_with_its_own_text_finds_itself_first(multi_db):
     retrieve = build_db.Retriever(multi_db.out, device="cpu")
     chunks = load(multi_db, "train_tokens").reshape(-1, DB_M)
     rows = np.arange(0, len(chunks), 7)
-    ids = retrieve.neighbour_ids(chunks[rows])
+    ids = retrieve.query(chunks[rows])["ids"]
     assert (ids[:, 0] == rows).mean() == 1.0
     out = retrieve(torch.as_tensor(chunks[rows[:3]].astype(np.int64)))
     assert out.dtype == torch.int64 and out.shape == (3, 2, 2 * DB_M)
@@ -998,7 +1000,7 @@ def test_sampling_from_the_checkpoint_shows_each_chunks_neighbours(trained, mult
     text = run_train(multi_db, out, "--sample", "Ruth1:1 Now it came to pass", "--show_neighbours")
     assert text.startswith("Ruth1:1 Now it came to pass") and len(text) > len("Ruth1:1 Now it came to pass")
     printed = capsys.readouterr().out
-    assert printed.count("--- chunk:") >= 2 and "neighbour 1:" in printed and "--- sample:" in printed
+    assert len(re.findall(r"--- chunk \d+:", printed)) >= 2 and "neighbour 1:" in printed and "--- sample:" in printed
 
 
 def test_baseline_and_retrofit_train_the_parts_they_should(trained, multi_db, tmp_path):
@@ -1072,6 +1074,9 @@ def test_a_checkpoint_is_refused_in_one_line_by_a_database_with_another_chunk_le
         msg = train_error(capsys, *mode, "--out_dir", str(out), "--db", m8.out, "--device", "cpu")
         assert f"trained with tokenizer {h} and chunk_len {DB_M}; {m8.out} has tokenizer {h} and chunk_len 8" in msg
         assert f"--tokenizer {multi_db.out}" in msg
+    with serving(m8.out) as url:                        # a server of that database: the same line
+        msg = train_error(capsys, "--sample", "x", "--out_dir", str(out), "--db", url)
+        assert f"chunk_len {DB_M}; {url} has tokenizer {h} and chunk_len 8" in msg
     old = torch.load(out / "ckpt.pt", weights_only=True)
     del old["tokenizer_sha256"]
     (tmp_path / "old").mkdir()
@@ -1099,7 +1104,7 @@ def test_an_interrupted_add_leaves_the_previous_database(multi_db, tmp_path, mon
     meta = build_db.load_meta(out)                      # the previous database, whole
     assert meta == build_db.load_meta(multi_db.out)
     chunks = load(multi_db, "train_tokens").reshape(-1, DB_M)[::9]
-    assert (build_db.Retriever(out, device="cpu").neighbour_ids(chunks) < meta["n_train_chunks"]).all()
+    assert (build_db.Retriever(out, device="cpu").query(chunks)["ids"] < meta["n_train_chunks"]).all()
     data = train.Data(out, meta, train.TrainConfig(block_size=DB_SEQ, chunk_len=DB_M))
     for split in ("train", "val"):
         assert np.array_equal(data.neighbours[split], load(multi_db, f"{split}_neighbours"))
@@ -1123,3 +1128,237 @@ def test_ddp_on_two_cpu_processes_trains(multi_db, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in r.stdout and "RETRO[ON]" in r.stdout
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"] == 6
+
+
+# ---- Part 4: the retrieval server, neighbours you choose, a look inside -----------------------------------
+
+import http.client                                                      # noqa: E402
+import threading                                                        # noqa: E402
+from concurrent.futures import ThreadPoolExecutor                       # noqa: E402
+
+
+@contextlib.contextmanager
+def serving(db):
+    """python build_db.py --serve, in a thread of this process, on a free localhost port: its address."""
+    server = build_db.make_server(db, "127.0.0.1", 0, "cpu")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def served(grown_db):
+    """grown_db (training text and two retrieval-only texts) served, with a local Retriever of the same folder."""
+    with serving(grown_db.out) as url:
+        yield url, build_db.Retriever(grown_db.out, device="cpu")
+
+
+def post(url, body, path="/neighbours", headers=None):
+    """A raw request: (status, parsed JSON answer)."""
+    host, port = url[len("http://"):].split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=60)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    c.request("POST" if body is not None else "GET", path, data if body is not None else None, headers or {})
+    r = c.getresponse()
+    answer = json.loads(r.read())
+    c.close()
+    return r.status, answer
+
+
+def test_remote_retrieval_equals_local_neighbours_and_greedy_samples(trained, grown_db, served, capsys):
+    url, local = served
+    remote = build_db.RemoteRetriever(url)
+    assert remote.meta["tokenizer_sha256"] == local.meta["tokenizer_sha256"] and (remote.M, remote.k) == (DB_M, 2)
+    stream = load(grown_db, "val_tokens").reshape(-1, DB_M)
+    chunks = np.concatenate([stream[:5], np.random.default_rng(0).integers(0, 512, (3, DB_M))])
+    want, got = local.query(chunks), remote.query(chunks)
+    assert np.array_equal(want["ids"], got["ids"]) and np.array_equal(want["neighbours"], got["neighbours"])
+    assert np.allclose(want["distances"], got["distances"], atol=1e-6)
+    assert (want["ids"] >= build_db.load_meta(grown_db.out)["n_train_chunks"]).any()   # retrieval-only texts too
+    texts = ["Obadiah saw a vision concerning Edom", "Grace be with you all"]
+    assert np.array_equal(local.query(texts=texts)["ids"], remote.query(texts=texts)["ids"])
+    assert np.array_equal(local.query(texts=texts)["ids"][:, :1], remote.query(texts=texts, k=1)["ids"])
+    out, _ = trained
+    greedy = ["--sample", "Obad1:1 The vision of Obadiah", "--out_dir", str(out), "--top_k", "1",
+              "--max_new_tokens", "40", "--device", "cpu", "--show_neighbours"]
+    samples = {}
+    for db in (grown_db.out, url):
+        samples[db] = train.main(greedy + ["--db", db]), capsys.readouterr().out
+    assert samples[url] == samples[grown_db.out]                # the same text and the same neighbours shown
+    assert len(re.findall(r"--- chunk \d+:", samples[url][1])) >= 2
+
+
+def test_evaluation_through_a_server_retrieves_the_validation_neighbours_remotely(trained, grown_db, served, capsys):
+    """--eval_only --db http://...: the model's own held-out text, its neighbours found by the server; the same
+    numbers as a local evaluation whose validation neighbours are retrieved the same way."""
+    url, local = served
+    out, _ = trained
+    remote = train.main(["--eval_only", "--out_dir", str(out), "--db", url, "--device", "cpu"])
+    assert url in capsys.readouterr().out
+    assert json.loads((out / "eval.jsonl").read_text().splitlines()[-1])["db"] == url
+    cfg = train.TrainConfig(block_size=DB_SEQ, chunk_len=DB_M)
+    data = train.Data(Path(grown_db.out), build_db.load_meta(grown_db.out), cfg)
+    stored = np.asarray(data.neighbours["val"])
+    data.retrieve_val(local)
+    assert (np.asarray(data.neighbours["val"]) == stored).all(-1).all(-1).mean() > 0.9   # fp16 embeddings: ~all equal
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    model = RETRO(RetroConfig(**ckpt["model_config"])).eval()
+    model.load_state_dict(ckpt["model"])
+    data.cfg = replace(cfg, **{k: ckpt["train_config"][k] for k in ("n_neighbours", "batch_size")})
+    r = train.evaluate(model, data, contextlib.nullcontext(), "cpu")
+    assert r["on"] == pytest.approx(remote["on"], rel=1e-5) and r["off"] == pytest.approx(remote["off"], rel=1e-5)
+
+
+BAD_REQUESTS = [   # (body, path, status, words in the error)
+    (b'{"chunks": [[1, 2', "/neighbours", 400, "not JSON"),
+    (b"\xff\xfe", "/neighbours", 400, "not JSON"),
+    ([[1] * DB_M], "/neighbours", 400, "JSON object"),
+    ({"chunks": [[1] * DB_M], "texts": ["a"]}, "/neighbours", 400, "JSON object"),
+    ({"chunks": "ruth"}, "/neighbours", 400, "list of 1 to"),
+    ({"chunks": []}, "/neighbours", 400, "list of 1 to"),
+    ({"chunks": [[1] * DB_M] * (build_db.MAX_CHUNKS + 1)}, "/neighbours", 400, "list of 1 to"),
+    ({"chunks": [[1] * (DB_M - 1)]}, "/neighbours", 400, f"list of {DB_M} integer"),
+    ({"chunks": [[1.5] * DB_M]}, "/neighbours", 400, f"list of {DB_M} integer"),
+    ({"chunks": [[True] * DB_M]}, "/neighbours", 400, f"list of {DB_M} integer"),
+    ({"chunks": [[512] * DB_M]}, "/neighbours", 400, "outside 0..511"),
+    ({"chunks": [[-1] * DB_M]}, "/neighbours", 400, "outside 0..511"),
+    ({"texts": [3]}, "/neighbours", 400, "strings"),
+    ({"texts": ["a"], "k": 3}, "/neighbours", 400, '"k" must be an integer from 1 to 2'),
+    (b"x" * (build_db.MAX_BODY + 1), "/neighbours", 413, "more than"),
+    ({"texts": ["a"]}, "/search", 404, "POST /neighbours"),
+    (None, "/index.faiss", 404, "GET /meta"),
+]
+
+
+@pytest.mark.parametrize("body, path, status, words", BAD_REQUESTS, ids=[f"{i}-{b[3][:12]}" for i, b in
+                                                                         enumerate(BAD_REQUESTS)])
+def test_a_bad_request_gets_a_4xx_with_one_line_and_the_server_keeps_serving(served, grown_db, body, path, status,
+                                                                             words):
+    url, local = served
+    code, answer = post(url, body, path)
+    assert code == status and set(answer) == {"error"} and words in answer["error"] and "\n" not in answer["error"]
+    chunks = load(grown_db, "val_tokens").reshape(-1, DB_M)[3:5]
+    code, answer = post(url, {"chunks": chunks.tolist()})
+    assert code == 200 and answer["ids"] == local.query(chunks)["ids"].tolist()
+
+
+def test_a_request_without_a_length_is_refused_and_nothing_outside_the_database_is_served(served):
+    url, _ = served
+    import socket
+    host, port = url[len("http://"):].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /neighbours HTTP/1.0\r\n\r\n")
+        assert s.makefile("rb").readline().split()[1] == b"411"
+    for path in ("/../meta.json", "/meta.json", "/%2e%2e/text.txt", "/train_tokens.npy"):
+        code, answer = post(url, None, path)
+        assert code == 404, path
+
+
+def test_a_server_under_concurrent_clients_answers_every_request_as_local_retrieval_does(served, grown_db):
+    """8 clients, 12 requests each of 1 to 4 chunks: every answer equals local retrieval, none fails."""
+    url, local = served
+    chunks = load(grown_db, "train_tokens").reshape(-1, DB_M)[::7][:40]
+    want = local.query(chunks)
+    rng = np.random.default_rng(0)
+    jobs = [rng.choice(len(chunks), rng.integers(1, 5), replace=False) for _ in range(96)]
+
+    def ask(rows):
+        return rows, post(url, {"chunks": chunks[rows].tolist()})
+    with ThreadPoolExecutor(8) as pool:
+        for rows, (code, answer) in pool.map(ask, jobs):
+            assert code == 200 and answer["ids"] == want["ids"][rows].tolist()
+            assert answer["neighbours"] == want["neighbours"][rows].tolist()
+
+
+def test_a_server_whose_database_does_not_fit_the_model_is_refused_in_one_line(trained, tmp_path, capsys):
+    """Another text, so another tokenizer: refused before any retrieval; a server that is not there: one line."""
+    out, _ = trained
+    other = small_db(tmp_path, "other", bible_books(30, 56, 63))
+    with serving(other.out) as url:
+        for mode in (["--sample", "x"], ["--eval_only"]):
+            assert "was trained with tokenizer" in train_error(capsys, *mode, "--out_dir", str(out), "--db", url)
+    assert "cannot reach a retrieval server" in train_error(capsys, "--sample", "x", "--out_dir", str(out), "--db", url)
+    assert "training reads a database folder" in train_error(capsys, "--db", url, "--out_dir", str(tmp_path))
+
+
+def neighbours_seen(printed, K=2):
+    """--show_neighbours' output -> for each chunk, the K neighbour texts (N + continuation) it printed."""
+    pairs = re.findall(r"neighbour \d+: (.*)\n +continues: (.*)", printed)
+    return [[ast.literal_eval(n) + ast.literal_eval(f) for n, f in pairs[u:u + K]] for u in range(0, len(pairs), K)]
+
+
+def test_a_neighbours_file_gives_each_chunk_the_neighbours_it_says(trained, multi_db, tmp_path, capsys):
+    """Chunk 0 retrieves (null), chunk 1 reads one text as both neighbours, chunk 2 two texts, chunk 3 none:
+    the sample is the model's generation with exactly those tokens as neighbours, and not the retrieved one's."""
+    out, _ = trained
+    boaz = "And Boaz said unto Ruth, Hearest thou not, my daughter? Go not to glean in another field, " * 2
+    entries = [None, boaz, ["Jonah rose up to flee unto Tarshish", "Grace be with you all. Amen."], ""]
+    (tmp_path / "nb.json").write_text(json.dumps(entries))
+    run = ["--sample", "Ruth1:1 Now it came to pass in the days when the judges ruled", "--out_dir", str(out),
+           "--db", multi_db.out, "--device", "cpu", "--max_new_tokens", "56", "--show_neighbours"]
+    retrieved, shown = train.main(run), neighbours_seen(capsys.readouterr().out)
+    chosen, shown_chosen = train.main(run + ["--neighbours_file", str(tmp_path / "nb.json")]), \
+        neighbours_seen(capsys.readouterr().out)
+    assert len(shown) == len(shown_chosen) >= 4 and shown_chosen[0] == shown[0]          # null: retrieved
+    tok = Tokenizer.from_file(str(Path(multi_db.out) / "tokenizer.json"))
+    R = 2 * DB_M
+    as_tokens = lambda text: (tok.encode(text).ids + [0] * R)[:R]           # cut or padded to 2M tokens, pad = 0
+    assert tok.encode(shown_chosen[1][0]).ids == as_tokens(boaz) and shown_chosen[1][0] == shown_chosen[1][1]
+    assert [tok.decode(as_tokens(t)) for t in entries[2]] == shown_chosen[2] == entries[2]     # padding not shown
+    assert shown_chosen[3] == ["", ""] and chosen != retrieved
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    model = RETRO(RetroConfig(**ckpt["model_config"])).eval()
+    model.load_state_dict(ckpt["model"])
+    local, chunk_number = build_db.Retriever(multi_db.out, device="cpu"), iter(range(100))
+
+    def retrieve(chunk):                                                    # what the file says, chunk by chunk
+        e = entries[u] if (u := next(chunk_number)) < len(entries) else None
+        e = [e] * 2 if isinstance(e, str) else e
+        return local(chunk)[:, :2] if e is None else torch.tensor([[as_tokens(t) for t in e]])
+    torch.manual_seed(1337)                                                 # train.py's seed, temperature, top_k
+    expected = model.generate(torch.tensor([tok.encode(run[1]).ids]), 56, retrieve, 0.8, 50)
+    assert chosen == tok.decode(expected[0].tolist(), skip_special_tokens=False)
+
+
+def test_choosing_neighbours_at_the_keyboard_is_the_same_as_a_file_saying_it(trained, multi_db, tmp_path, capsys,
+                                                                              monkeypatch):
+    out, _ = trained
+    boaz = "And Boaz said unto Ruth, Hearest thou not, my daughter? Go not to glean in another field"
+    typed = iter(["", boaz, "-"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(typed, ""))
+    run = ["--sample", "Ruth1:1 Now it came to pass in the days when the judges ruled", "--out_dir", str(out),
+           "--db", multi_db.out, "--device", "cpu", "--max_new_tokens", "56"]
+    at_keyboard = train.main(run + ["--choose_neighbours"])
+    printed = capsys.readouterr().out
+    assert len(re.findall(r"--- chunk \d+:", printed)) >= 4 and boaz in printed     # shown, and echoed when piped
+    (tmp_path / "nb.json").write_text(json.dumps([None, boaz, ""]))
+    assert at_keyboard == train.main(run + ["--neighbours_file", str(tmp_path / "nb.json")])
+
+
+@pytest.mark.parametrize("entries, words", [("{", "Expecting"), ('{"a": 1}', "JSON list"), ('[["one"]]', "list of 2"),
+                                            ("[3]", "entry 0")])
+def test_a_bad_neighbours_file_is_one_clear_line(trained, multi_db, tmp_path, capsys, entries, words):
+    out, _ = trained
+    (tmp_path / "nb.json").write_text(entries)
+    assert words in train_error(capsys, "--sample", "x", "--out_dir", str(out), "--db", multi_db.out,
+                                "--neighbours_file", str(tmp_path / "nb.json"))
+
+
+def test_the_look_inside_command_prints_a_chunks_stored_neighbours_and_a_texts_nearest_chunks(multi_db, capsys):
+    tok = Tokenizer.from_file(str(Path(multi_db.out) / "tokenizer.json"))
+    c = 5
+    build_db.main(["--show", f"train:{c}", "--out", multi_db.out])
+    printed = capsys.readouterr().out
+    ids, nb = load(multi_db, "train_neighbour_ids")[c], load(multi_db, "train_neighbours")[c]
+    assert [int(i) for i in re.findall(r"neighbour \d: chunk (\d+) \(training text\)", printed)] == ids.tolist()
+    for j in range(2):
+        assert repr(tok.decode(nb[j, :DB_M].tolist())) in printed and repr(tok.decode(nb[j, DB_M:].tolist())) in printed
+    text = tok.decode(load(multi_db, "train_tokens")[c * DB_M:(c + 1) * DB_M].tolist())
+    build_db.main(["--show", text, "--out", multi_db.out])
+    assert re.search(rf"neighbour 0: chunk {c} \(training text\), distance 0\.000", capsys.readouterr().out)
+    with pytest.raises(SystemExit) as e:
+        build_db.main(["--show", "val:100000", "--out", multi_db.out])
+    assert "val:0 to val:" in str(e.value.code) and "\n" not in str(e.value.code)

@@ -7,6 +7,8 @@ Train RETRO on a text file, measure what retrieval buys, and sample with retriev
     torchrun --standalone --nproc_per_node=8 train.py # several GPUs, with PyTorch DDP
     python train.py --sample "Mat5:3 Blessed are" --show_neighbours       # generate from out/ckpt.pt
     python train.py --eval_only --db data/kjv_web     # evaluate out/ckpt.pt with another database
+    python train.py --sample "And God said" --db http://127.0.0.1:8000 --choose_neighbours  # a served database;
+                                                      # keep or type each chunk's neighbours
 
 Every option is a field of TrainConfig below; `python train.py -h` lists them with their defaults.
 """
@@ -27,7 +29,8 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from build_db import DBConfig, DBError, Retriever, build, cli, current_file, db_dir, default_device, load_meta
+from build_db import (DBConfig, DBError, Retriever, build, cli, connect, current_file, db_dir, default_device,
+                      load_meta)
 from retro import RETRO, RetroConfig
 
 
@@ -78,6 +81,8 @@ class TrainConfig:
     temperature: float = 0.8
     top_k: int = 50
     show_neighbours: bool = False   # with --sample: print what was retrieved for each chunk
+    choose_neighbours: bool = False # with --sample: show each chunk's neighbours, keep them or type others
+    neighbours_file: str = ""       # with --sample: a JSON list of each chunk's neighbour texts (README)
 
 
 def fail(msg):
@@ -110,6 +115,12 @@ class Data:
         y[y == self.meta["pad_id"]] = -1
         nb = np.stack([self.neighbours[split][s:s + T // M, :K] for s in starts]).astype(np.int64)
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(nb) if K else None
+
+    def retrieve_val(self, retriever, batch: int = 256):
+        """Validation neighbours found now by retriever (e.g. a server's), in place of the stored ones."""
+        chunks = np.asarray(self.tokens["val"]).reshape(-1, self.M)
+        self.neighbours["val"] = np.concatenate([retriever.query(chunks[i:i + batch])["neighbours"] for i in tqdm(
+            range(0, len(chunks), batch), desc="retrieve val", leave=False, disable=None)])
 
     def n_starts(self, split):
         return (len(self.tokens[split]) - self.cfg.block_size - 1) // self.M + 1
@@ -294,23 +305,52 @@ def save_checkpoint(path: Path, raw_model, optimizer, cfg, it, meta):
     os.replace(tmp, path)
 
 
-def generate(model, data: Data, db: Path, K: int, prompt: str, cfg: TrainConfig, device: str) -> str:
-    """Sample after prompt, retrieving from the database each time a chunk completes (K = 0: no retrieval);
-    with --show_neighbours, print what each chunk retrieved."""
-    tok = data.tokenizer
-    text = lambda ids: tok.decode(ids.tolist(), skip_special_tokens=False)
-    retriever, M = (Retriever(db, device) if K else None), model.config.chunk_len
+def read_neighbours_file(path: str, K: int) -> list:
+    """--neighbours_file: a JSON list with an entry per chunk of the sequence (prompt and output, in order):
+    null retrieves as usual, a string is every neighbour's text, a list of K strings one text per neighbour."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        fail(f"--neighbours_file {path}: {e}")
+    for u, e in enumerate(entries if isinstance(entries, list) else [0]):
+        if not (e is None or isinstance(e, str) or isinstance(e, list) and len(e) == K
+                and all(isinstance(t, str) for t in e)):
+            fail(f"--neighbours_file {path}: entry {u} must be null, a string, or a list of {K} strings "
+                 f"(the file is a JSON list with one entry per chunk)")
+    return [[e] * K if isinstance(e, str) else e for e in entries]
 
-    def retrieve(chunk):
-        nb = retriever(chunk)[:, :K]
-        if cfg.show_neighbours:
-            print(f"--- chunk: {text(chunk[0])!r}")
+
+def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, device: str) -> str:
+    """Sample after prompt. Each time a chunk completes, its K neighbours come from the retriever (None: a model
+    without retrieval), or from --neighbours_file, or from you (--choose_neighbours); --show_neighbours prints
+    them. A neighbour's text is tokenized and cut or padded to 2M tokens: N, then F."""
+    M, K, pad = model.config.chunk_len, cfg.n_neighbours, tok.token_to_id("<|pad|>")
+    text = lambda ids: tok.decode(ids.tolist(), skip_special_tokens=False)
+    chosen = read_neighbours_file(cfg.neighbours_file, K) if cfg.neighbours_file else []
+    as_neighbours = lambda texts: torch.tensor([[(tok.encode(t).ids + [pad] * 2 * M)[:2 * M] for t in texts]])
+    u = -1                                         # the chunk that just completed: RETRO calls retrieve in order
+
+    def retrieve(chunk):                           # (1, M) -> (1, K, 2M)
+        nonlocal u
+        u += 1
+        nb = as_neighbours(chosen[u]) if u < len(chosen) and chosen[u] is not None else retriever(chunk)[:, :K]
+        if cfg.show_neighbours or cfg.choose_neighbours:
+            print(f"--- chunk {u}: {text(chunk[0])!r}")
             for j in range(K):
-                print(f"    neighbour {j}: {text(nb[0, j, :M])!r}\n      continues: {text(nb[0, j, M:])!r}")
-        return nb
+                n, f = (t[t != pad] for t in (nb[0, j, :M], nb[0, j, M:]))      # padding not shown
+                print(f"    neighbour {j}: {text(n)!r}\n      continues: {text(f)!r}")
+        if cfg.choose_neighbours:
+            typed = input("    Enter keeps them; or type the text every neighbour should hold (-: none): ").strip()
+            if not sys.stdin.isatty():
+                print(typed)                       # a transcript shows what was typed
+            if typed:
+                nb = as_neighbours(["" if typed == "-" else typed] * K)
+        return nb.to(device)
+    if retriever is None and (cfg.neighbours_file or cfg.choose_neighbours):
+        fail("this model was trained without retrieval (n_neighbours 0): it reads no neighbours")
     idx = torch.tensor([tok.encode(prompt).ids], device=device)
     torch.manual_seed(cfg.seed)
-    out = model.generate(idx, cfg.max_new_tokens, retrieve if K else None, cfg.temperature, cfg.top_k or None)
+    out = model.generate(idx, cfg.max_new_tokens, retrieve if retriever else None, cfg.temperature, cfg.top_k or None)
     return text(out[0])
 
 
@@ -342,8 +382,16 @@ def main(argv=None):
     # bf16 autocast on CUDA only: on a CPU bf16 matrix products are 10-100x slower than fp32
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    remote = cfg.db.startswith(("http://", "https://"))    # a retrieval server: python build_db.py --serve
+    if remote and ckpt is None:
+        fail(f"--db {cfg.db}: training reads a database folder; a server's address serves --sample and --eval_only")
     try:
-        if master:
+        if remote:      # the server retrieves; the held-out text to evaluate on is in the model's own database
+            retriever = connect(cfg.db)
+            load_checkpoint(ckpt_path, retriever.meta, cfg.db, ckpt)
+            db, meta = (cfg.db, retriever.meta) if cfg.sample else prepare_db(
+                replace(cfg, data=tc["data"], db=tc["db"]), training=False)
+        elif master:
             db, meta = prepare_db(cfg, training=ckpt is None)
         if ddp:
             torch.distributed.barrier()
@@ -351,22 +399,32 @@ def main(argv=None):
             db, meta = prepare_db(cfg, training=ckpt is None)
     except DBError as e:
         fail(e)
-    data = Data(db, meta, cfg)
     if ckpt is not None:                              # sample from, or evaluate, a trained model
-        load_checkpoint(ckpt_path, meta, db, ckpt)
+        if not remote:
+            load_checkpoint(ckpt_path, meta, db, ckpt)
+            retriever = Retriever(db, device) if cfg.sample and cfg.n_neighbours else None
+        if (k := (retriever.meta if remote else meta)["retrieval"]["k"]) < cfg.n_neighbours:
+            fail(f"{cfg.db or db} holds {k} neighbours per chunk and the model reads {cfg.n_neighbours}: build it "
+                 f"with --k {cfg.n_neighbours}")
         model = RETRO(RetroConfig(**ckpt["model_config"])).to(device).eval()
         model.load_state_dict(ckpt["model"])
         if cfg.sample:
-            text = generate(model, data, db, cfg.n_neighbours, cfg.sample, cfg, device)
-            print(("--- sample:\n" if cfg.show_neighbours else "") + text)
+            tok = retriever.tokenizer if remote else Tokenizer.from_file(str(db / "tokenizer.json"))
+            text = generate(model, tok, retriever if cfg.n_neighbours else None, cfg.sample, cfg, device)
+            print(("--- sample:\n" if cfg.show_neighbours or cfg.choose_neighbours else "") + text)
             return text
+        data = Data(db, meta, cfg)
+        if remote:
+            data.retrieve_val(retriever)
         r = evaluate(model, data, ctx, device, desc="eval")   # all of it, with this database's neighbours
-        print0(f"{ckpt_path} (step {ckpt['iter']}) with {db}, held-out {meta['n_val_documents']} documents: RETRO[ON] "
-               f"loss {r['on'][0]:.4f} bpb {r['on'][1]:.4f}, RETRO[OFF] loss {r['off'][0]:.4f} bpb {r['off'][1]:.4f}")
+        print0(f"{ckpt_path} (step {ckpt['iter']}) with {cfg.db if remote else db}, held-out {meta['n_val_documents']} "
+               f"documents: RETRO[ON] loss {r['on'][0]:.4f} bpb {r['on'][1]:.4f}, RETRO[OFF] loss {r['off'][0]:.4f} "
+               f"bpb {r['off'][1]:.4f}")
         r["probe"] = report_probe(model, data, ctx, device, print0)
         log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
-                 tc["block_size"], final=True, db=str(db), probe=r["probe"])
+                 tc["block_size"], final=True, db=cfg.db if remote else str(db), probe=r["probe"])
         return r
+    data = Data(db, meta, cfg)
 
     # ---- model, optimizer, resume ----
     torch.manual_seed(cfg.seed)
@@ -451,7 +509,8 @@ def main(argv=None):
         probe = report_probe(raw_model, data, ctx, device, print0) if cfg.n_neighbours else None
         log_eval(log_path, cfg.max_iters, r, tokens_per_step, final=True, probe=probe)
         prompt = data.tokenizer.decode(data.tokens["val"][:cfg.chunk_len // 2].tolist())  # a held-out document's start
-        print0(f"sample with retrieval:\n{generate(raw_model.eval(), data, db, cfg.n_neighbours, prompt, cfg, device)}")
+        retriever = Retriever(db, device) if cfg.n_neighbours else None
+        print0(f"sample with retrieval:\n{generate(raw_model.eval(), data.tokenizer, retriever, prompt, cfg, device)}")
         print0("what retrieval buys when the database holds more than the training text: README.md, \"Does "
                "retrieval help?\" (bash bench/retrieval_experiment.sh)")
     if ddp:
