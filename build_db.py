@@ -8,6 +8,7 @@ Build RETRO's retrieval database from a text, and retrieve from it (section 2.3 
     python build_db.py other.txt --tokenizer data/text             # a database for a model trained on data/text
     python build_db.py --show "And God said" --out data/text       # a text's nearest chunks; or --show train:120
     python build_db.py --serve --out data/text --port 8000         # serve it over HTTP (README: the server)
+    torchrun --nproc_per_node=4 build_db.py big.jsonl             # embed and search in 4 processes (GPUs)
 
 Input: a UTF-8 text file whose documents are separated by lines holding only <|endoftext|> (a file without
 such lines is one document), a folder of .txt files (one document each), or a .jsonl file (one document per
@@ -115,6 +116,36 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+# ---- several processes: torchrun --nproc_per_node=N build_db.py ... --------------------------------------
+# The work that grows with the corpus is split: each process embeds its share of the chunks (rows of one
+# memory-mapped file) and searches the neighbours of its share; process 0 alone trains the tokenizer, builds the
+# index and writes every other file, and meta.json last, once all rows are in.
+RANK, WORLD = 0, 1                  # set by main() under torchrun; a build called from Python runs alone
+
+
+def print0(*args, **kw):
+    if RANK == 0:
+        print(*args, **kw)
+
+
+@contextmanager
+def together(what: str):
+    """Every process runs the block, then waits for the others and learns whether any failed, which and why:
+    then all stop with that one message, and none goes on to write a database. One process: just the block."""
+    if WORLD == 1:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:              # a KeyboardInterrupt still ends the process at once
+        error = str(e) if isinstance(e, DBError) else f"{type(e).__name__}: {e}"
+    errors = [None] * WORLD
+    torch.distributed.all_gather_object(errors, error)
+    if failed := [(r, e) for r, e in enumerate(errors) if e]:
+        raise DBError(f"process {failed[0][0]} of {WORLD} failed {what}: {failed[0][1]}")
+
+
 # ---- step 1: documents ------------------------------------------------------------------------------------
 
 def read_utf8(path: Path) -> str:
@@ -214,10 +245,11 @@ def load_tokenizer(spec: str) -> tuple:
 
 def token_stream(tok: Tokenizer, docs: list, chunk_len: int) -> np.ndarray:
     """All documents, each followed by <|endoftext|>, padded to a whole number of chunks."""
-    eot = tok.token_to_id(SEPARATOR)
-    ids = [t for e in tok.encode_batch(docs) for t in e.ids + [eot]]
-    ids += [tok.token_to_id(PAD)] * (-len(ids) % chunk_len)
-    return np.array(ids, dtype=np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.int32)
+    eot, dtype = tok.token_to_id(SEPARATOR), np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.int32
+    ids = [np.array(e.ids + [eot], dtype)              # a batch of documents at a time: no list of every token
+           for i in range(0, len(docs), 256) for e in tok.encode_batch(docs[i:i + 256])]
+    n = sum(map(len, ids))
+    return np.concatenate(ids + [np.full(-n % chunk_len, tok.token_to_id(PAD), dtype)])
 
 
 def stream_documents(tok: Tokenizer, stream: np.ndarray, eot: int) -> list:
@@ -263,6 +295,8 @@ class Embedder:
             raise DBError(f"cannot load the embedder {name!r} ({type(e).__name__}): pass --bert with a BERT model "
                           "folder, or the name of one in your local Hugging Face cache") from None
         self.pooling, self.device = pooling, default_device() if device == "auto" else device
+        if WORLD > 1 and self.device == "cuda":     # torchrun: one GPU per process
+            self.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         self.model.to(self.device)
         self.dim = self.model.config.hidden_size
         self.max_len = min(self.tokenizer.model_max_length, 512)
@@ -282,19 +316,30 @@ class Embedder:
 
 
 def embed_chunks(embedder, tok, stream, M, batch_size, out_path, desc):
-    """Embed every chunk into a float16 memmap. Chunks go in order of length, so a batch pads little."""
-    chunks = stream.reshape(-1, M)
-    texts = tok.decode_batch(chunks.tolist(), skip_special_tokens=True)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    with atomic(out_path) as tmp:
-        emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(texts), embedder.dim))
-        with tqdm(total=len(texts), unit="chunk", desc=desc, unit_scale=True) as bar:
-            for i in range(0, len(texts), batch_size):
-                rows = order[i:i + batch_size]
-                emb[rows] = embedder([texts[r] for r in rows])
-                bar.update(len(rows))
-        emb.flush()
-        del emb
+    """Embed every chunk into a float16 memmap. Chunks go in order of text length, so a batch pads little, and
+    their texts are decoded a batch at a time. Under torchrun, process r embeds batches r, r + N, r + 2N, ..."""
+    chunks, tmp = stream.reshape(-1, M), temporary(out_path)
+    lengths = np.fromiter((len(t) for i in range(0, len(chunks), 65536) for t in tok.decode_batch(
+        chunks[i:i + 65536].tolist(), skip_special_tokens=True)), np.int64, len(chunks))
+    order = np.argsort(lengths, kind="stable")
+    try:
+        with together(f"creating {out_path.name}"):
+            if RANK == 0:
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(chunks), embedder.dim))
+        with together(f"embedding {out_path.name}"):
+            emb = np.lib.format.open_memmap(tmp, mode="r+")
+            with tqdm(total=len(chunks), unit="chunk", desc=desc, unit_scale=True, disable=RANK > 0) as bar:
+                for i in range(RANK * batch_size, len(chunks), WORLD * batch_size):
+                    rows = order[i:i + batch_size]
+                    emb[rows] = embedder(tok.decode_batch(chunks[rows].tolist(), skip_special_tokens=True))
+                    bar.update(len(rows) * WORLD)
+            emb.flush()
+            del emb
+        if RANK == 0:
+            os.replace(tmp, out_path)
+    finally:
+        if RANK == 0:
+            tmp.unlink(missing_ok=True)
 
 
 # ---- steps 4 and 5: the index, and each chunk's neighbours ------------------------------------------------
@@ -345,12 +390,13 @@ def tune_nprobe(index, emb, queries: np.ndarray, k: int, target: float = 0.95) -
     return f"nprobe {nprobe} (recall@{k} {recall:.3f} against exact search on {len(queries):,} chunks)"
 
 
-def search(index, emb: np.ndarray, k: int, desc: str, keep=None) -> np.ndarray:
-    """The k nearest chunks of each row of emb, in blocks; keep(candidates, rows) picks neighbours among them."""
-    ids = []
-    with tqdm(total=len(emb), unit="chunk", desc=desc, unit_scale=True) as bar:
-        for i in range(0, len(emb), 8192):
-            found = index.search(np.asarray(emb[i:i + 8192], dtype=np.float32), k)[1]
+def search(index, emb: np.ndarray, k: int, desc: str, keep=None, rows: range = None) -> np.ndarray:
+    """The k nearest chunks of each row of emb (or of `rows` of it), in blocks; keep(candidates, rows) picks
+    neighbours among them."""
+    rows, ids = range(len(emb)) if rows is None else rows, []
+    with tqdm(total=len(rows), unit="chunk", desc=desc, unit_scale=True, disable=RANK > 0) as bar:
+        for i in range(rows.start, max(rows.stop, rows.start + 1), 8192):     # an empty share: one empty block
+            found = index.search(np.asarray(emb[i:min(i + 8192, rows.stop)], dtype=np.float32), k)[1]
             ids.append(keep(found, np.arange(i, i + len(found))) if keep else found.astype(np.int32))
             bar.update(len(found))
     return np.concatenate(ids)
@@ -383,11 +429,15 @@ def exclude_own_sequences(candidates: np.ndarray, k: int, n: int, n_train: int =
 
 # ---- files ------------------------------------------------------------------------------------------------
 
+def temporary(path) -> Path:
+    """Where path is written before it is renamed to path: hidden, and removed by the next build (clean)."""
+    return Path(path).with_name(f".{Path(path).name}.tmp{Path(path).suffix}")
+
+
 @contextmanager
 def atomic(path):
     """with atomic(path) as tmp: write tmp; on success it is renamed to path, on failure removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    path, tmp = Path(path), temporary(path)
     try:
         yield str(tmp)
         os.replace(tmp, path)
@@ -478,10 +528,13 @@ def prepare_source(out: Path, text: str, docs: list, tok, key: str, embedder, M:
     """A retrieval-only text's token stream and chunk embeddings: files that exist for its key are reused."""
     tokens, emb = out / "sources" / f"{key}_tokens.npy", out / "sources" / f"{key}_emb.npy"
     if force or not (tokens.exists() and emb.exists()):
-        tokens.parent.mkdir(exist_ok=True)
-        stream = token_stream(tok, docs, M)
-        save(tokens, stream)
-        print(f"embedding {len(stream) // M:,} chunks of {text} on {embedder().device}")
+        with together(f"tokenizing {text}"):
+            if RANK == 0:
+                tokens.parent.mkdir(exist_ok=True)
+                save(tokens, token_stream(tok, docs, M))
+            embedder()
+        stream = np.load(tokens, mmap_mode="r")
+        print0(f"embedding {len(stream) // M:,} chunks of {text} on {embedder().device}")
         embed_chunks(embedder(), tok, stream, M, batch_size, emb, f"embed {Path(text).name}")
     stream = np.load(tokens, mmap_mode="r")
     return dict(text=str(text), key=key, n_documents=len(docs), n_chunks=len(stream) // M,
@@ -500,52 +553,61 @@ def build(cfg: DBConfig) -> dict:
                      (cfg.pooling not in ("mean", "cls"), f"--pooling must be mean or cls, not {cfg.pooling!r}")]:
         if bad:
             raise DBError(msg)
-    docs = read_documents(cfg.text)
-    sources = {p: read_documents(p) for p in dict.fromkeys(p.strip() for p in cfg.retrieval_texts.split(",")) if p}
-    given, given_hash = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else (None, None)
+    with together("reading the texts"):     # before process 0 writes anything
+        docs = read_documents(cfg.text)
+        sources = {p: read_documents(p) for p in dict.fromkeys(p.strip() for p in cfg.retrieval_texts.split(",")) if p}
+        given, given_hash = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else (None, None)
+        old = load_meta(out) if (out / "meta.json").exists() else {}
     digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()
     corpus = dict(text_sha256=digest, chunk_len=cfg.chunk_len, vocab_size=given.get_vocab_size() if given else
                   cfg.vocab_size, bert=cfg.bert, pooling=cfg.pooling, val_every=cfg.val_every, version=VERSION,
                   **({"tokenizer": given_hash} if given else {}))
     retrieval = dict(k=cfg.k, seq_len=cfg.seq_len, exact_below=cfg.exact_below,
                      **({"exclude_own_document": True} if cfg.exclude_own_document else {}))
-    old = load_meta(out) if (out / "meta.json").exists() else {}
     redo_corpus = cfg.force or old.get("corpus") != corpus
     if not redo_corpus:
-        clean(out, old, sources=False)
+        if RANK == 0:
+            clean(out, old, sources=False)
         keys = [source_key(d, old["tokenizer_sha256"], corpus) for d in sources.values()]
         if old.get("retrieval") == retrieval and [s["key"] for s in old.get("sources", [])] == keys:
-            print(f"{out} is up to date with {cfg.text} (--force rebuilds it)")
+            print0(f"{out} is up to date with {cfg.text} (--force rebuilds it)")
             return old
 
     # 1. documents -> train / validation, by whole documents
     train_docs, val_docs = split_documents(docs, cfg.val_every)
-    print(f"{cfg.text}: {len(docs)} documents, {len(train_docs)} for training, {len(val_docs)} held out")
-    for path, d in sources.items():
+    print0(f"{cfg.text}: {len(docs)} documents, {len(train_docs)} for training, {len(val_docs)} held out")
+    for path, d in sources.items() if RANK == 0 else ():
         warn_verbatim(path, d, {"training": train_docs, "validation": val_docs})
     M = cfg.chunk_len
     embedder = functools.cache(lambda: Embedder(cfg.bert, cfg.pooling, cfg.device))
     if redo_corpus:
-        embedder()                                                  # fails early, before anything is written
-        # 2. tokenize with the language model's own tokenizer; cut the streams into chunks of M tokens
-        tok = given or train_tokenizer(train_docs, cfg.vocab_size)
-        train, val = token_stream(tok, train_docs, M), token_stream(tok, val_docs, M)
-        if min(len(train), len(val)) < cfg.seq_len + 1:
-            raise DBError(f"{cfg.text} is too short: {len(train):,} training and {len(val):,} validation tokens, "
-                          f"and each needs one sequence of {cfg.seq_len + 1}: use a longer text or a smaller "
-                          f"--seq_len (train.py: --block_size)")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "meta.json").unlink(missing_ok=True)
-        with atomic(out / "tokenizer.json") as tmp:
-            tok.save(tmp)
-        save(out / "train_tokens.npy", train)
-        save(out / "val_tokens.npy", val)
+        with together("loading the embedder"):
+            embedder()                                              # fails early, before anything is written
+        with together("tokenizing"):
+            if RANK == 0:
+                # 2. tokenize with the language model's own tokenizer; cut the streams into chunks of M tokens
+                tok = given or train_tokenizer(train_docs, cfg.vocab_size)
+                train, val = token_stream(tok, train_docs, M), token_stream(tok, val_docs, M)
+                if min(len(train), len(val)) < cfg.seq_len + 1:
+                    raise DBError(f"{cfg.text} is too short: {len(train):,} training and {len(val):,} validation "
+                                  f"tokens, and each needs one sequence of {cfg.seq_len + 1}: use a longer text or "
+                                  f"a smaller --seq_len (train.py: --block_size)")
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "meta.json").unlink(missing_ok=True)
+                with atomic(out / "tokenizer.json") as tmp:
+                    tok.save(tmp)
+                save(out / "train_tokens.npy", train)
+                save(out / "val_tokens.npy", val)
+        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+        train, val = (np.load(out / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val"))
         # 3. embed every chunk with the frozen BERT
-        print(f"embedding {len(train) // M + len(val) // M:,} chunks with {cfg.bert} on {embedder().device}")
+        print0(f"embedding {len(train) // M + len(val) // M:,} chunks with {cfg.bert} on {embedder().device}")
         embed_chunks(embedder(), tok, train, M, cfg.batch_size, out / "train_emb.npy", "embed train")
         embed_chunks(embedder(), tok, val, M, cfg.batch_size, out / "val_emb.npy", "embed val")
     else:
-        (out / "meta.json").unlink()
+        with together("starting"):
+            if RANK == 0:
+                (out / "meta.json").unlink()
         tok = Tokenizer.from_file(str(out / "tokenizer.json"))
         train = np.load(out / "train_tokens.npy", mmap_mode="r")
     tok_hash = tokenizer_hash(out / "tokenizer.json")
@@ -562,7 +624,7 @@ def build(cfg: DBConfig) -> dict:
                 n_train_bytes=sum(len(d.encode()) for d in train_docs),
                 n_val_bytes=sum(len(d.encode()) for d in val_docs), sources=sources)
     meta = index_and_neighbours(out, meta, 0)
-    print(f"wrote {out} in {time.time() - t0:.0f}s: {meta['n_train_chunks']:,} training chunks, "
+    print0(f"wrote {out} in {time.time() - t0:.0f}s: {meta['n_train_chunks']:,} training chunks, "
           f"{meta['n_val_chunks']:,} validation chunks, {sum(s['n_chunks'] for s in sources):,} retrieval-only "
           f"chunks, K={cfg.k}")
     return meta
@@ -574,21 +636,24 @@ def add_text(cfg: DBConfig) -> dict:
     t0 = time.time()
     if not cfg.out:
         raise DBError("--add needs --out DIR: the database to grow")
-    out, meta = Path(cfg.out), load_meta(cfg.out)
-    clean(out, meta, sources=False)            # an interrupted add's files; its embedded text is reused below
-    docs, tok = read_documents(cfg.add), Tokenizer.from_file(str(out / "tokenizer.json"))
+    with together("reading the database and the text"):
+        out, meta = Path(cfg.out), load_meta(cfg.out)
+        docs, tok = read_documents(cfg.add), Tokenizer.from_file(str(out / "tokenizer.json"))
+    if RANK == 0:
+        clean(out, meta, sources=False)        # an interrupted add's files; its embedded text is reused below
     key, c = source_key(docs, meta["tokenizer_sha256"], meta["corpus"]), meta["corpus"]
     if key in {s["key"] for s in meta.get("sources", [])}:
-        print(f"{out} already holds {cfg.add}")
+        print0(f"{out} already holds {cfg.add}")
         return meta
-    warn_verbatim(cfg.add, docs, {name: stream_documents(tok, np.load(out / f"{split}_tokens.npy"), meta["eot_id"])
-                                  for split, name in (("train", "training"), ("val", "validation"))})
+    if RANK == 0:
+            warn_verbatim(cfg.add, docs, {name: stream_documents(tok, np.load(out / f"{s}_tokens.npy"), meta["eot_id"])
+                                      for s, name in (("train", "training"), ("val", "validation"))})
     embedder = functools.cache(lambda: Embedder(c["bert"], c["pooling"], cfg.device))
     source = prepare_source(out, cfg.add, docs, tok, key, embedder, c["chunk_len"], cfg.batch_size)
     index = faiss.read_index(str(current_file(out, meta, "index")))
     meta = index_and_neighbours(out, {**meta, "sources": meta.get("sources", []) + [source]},
                                 meta.get("generation", 0) + 1, index)
-    print(f"grew {out} in {time.time() - t0:.0f}s: {source['n_chunks']:,} chunks of {cfg.add}, "
+    print0(f"grew {out} in {time.time() - t0:.0f}s: {source['n_chunks']:,} chunks of {cfg.add}, "
           f"{meta['n_chunks']:,} indexed in all (generation {meta['generation']})")
     return meta
 
@@ -601,48 +666,71 @@ def index_and_neighbours(out: Path, meta: dict, generation: int, index=None) -> 
     tokens, emb = load_streams(out, meta, "tokens"), load_streams(out, meta, "emb")
     train_emb, val_emb = np.load(out / "train_emb.npy", mmap_mode="r"), np.load(out / "val_emb.npy", mmap_mode="r")
 
-    # 4. index all chunks, training and retrieval-only
-    rng = np.random.default_rng(0)
-    queries = np.concatenate([np.asarray(e[np.sort(rng.choice(len(e), min(len(e), 500), replace=False))],
-                                         dtype=np.float32) for e in (train_emb, val_emb)])
-    if index is None or isinstance(index, faiss.IndexFlat) and len(emb) >= exact_below:
-        index, why = build_index(emb, exact_below, queries, k + 2 * n + 1)
-    else:
-        # an IVF index is not retrained: the new chunks go to the cells of the k-means it was built with, so
-        # its neighbours can differ from those of an IVF built in one go from the same texts (exact search:
-        # the same neighbours, a grown database is then exactly the one-go one)
-        added = len(emb) - index.ntotal
-        add(index, emb, index.ntotal)
-        why = f"{meta['index']}: {added:,} chunks added" + (
-            f"; {tune_nprobe(index, emb, queries, k + 2 * n + 1)}" if hasattr(index, "nprobe") else "")
-    print(f"index: {why}")
-    files = generation_files(generation)
-    with atomic(out / files["index"]) as tmp:
-        faiss.write_index(index, tmp)
+    # 4. index all chunks, training and retrieval-only (process 0; the others read what it wrote)
+    files, why = generation_files(generation), [None, None]
+    with together("building the index"):
+        if RANK == 0:
+            rng = np.random.default_rng(0)
+            queries = np.concatenate([np.asarray(e[np.sort(rng.choice(len(e), min(len(e), 500), replace=False))],
+                                                 dtype=np.float32) for e in (train_emb, val_emb)])
+            if index is None or isinstance(index, faiss.IndexFlat) and len(emb) >= exact_below:
+                index, why[0] = build_index(emb, exact_below, queries, k + 2 * n + 1)
+            else:
+                # an IVF index is not retrained: the new chunks go to the cells of the k-means it was built with,
+                # so its neighbours can differ from those of an IVF built in one go from the same texts (exact
+                # search: the same neighbours, a grown database is then exactly the one-go one)
+                added = len(emb) - index.ntotal
+                add(index, emb, index.ntotal)
+                why[0] = f"{meta['index']}: {added:,} chunks added" + (
+                    f"; {tune_nprobe(index, emb, queries, k + 2 * n + 1)}" if hasattr(index, "nprobe") else "")
+            why[1] = getattr(index, "nprobe", None)
+            print(f"index: {why[0]}")
+            with atomic(out / files["index"]) as tmp:
+                faiss.write_index(index, tmp)
+    if WORLD > 1:
+        torch.distributed.broadcast_object_list(why)
+        if RANK > 0:
+            index = faiss.read_index(str(out / files["index"]))
+            if why[1]:
+                faiss.extract_index_ivf(index).nprobe = why[1]
+    why, nprobe = why
     # 5. K neighbours per chunk, each stored as [N, F]; training chunks never see their own sequences
     docs, m = None, k + 2 * n + 1       # the sequence rule drops at most 2n + 1 candidates
     if r.get("exclude_own_document"):   # the document of each chunk's first and last token (<|endoftext|>: its own)
-        ends, starts = np.flatnonzero(np.load(out / "train_tokens.npy") == eot), np.arange(0, len(train_emb) * M, M)
+        ends = np.flatnonzero(np.load(out / "train_tokens.npy", mmap_mode="r") == eot)
+        starts = np.arange(0, len(train_emb) * M, M)
         docs = np.searchsorted(ends, starts), np.searchsorted(ends, starts + M - 1)
         m += 256                        # a document hides more; a chunk that still lacks some is padded (warned)
-    train_ids = search(index, train_emb, m, "search train",
-                       lambda found, rows: exclude_own_sequences(found, k, n, len(train_emb), docs, rows))
-    val_ids = search(index, val_emb, k, "search val")
-    for split, ids in (("train", train_ids), ("val", val_ids)):
-        save(out / files[f"{split}_neighbour_ids"], ids)
-        save(out / files[f"{split}_neighbours"], neighbour_tokens(tokens, ids, M, pad, eot))
-    missing = (train_ids < 0).mean()
-    if missing > 0.01:
-        print(f"warning: {missing:.0%} of training neighbours are missing (padding): the text is short for "
-              f"--seq_len {r['seq_len']}" + (", or its documents long" if docs else ""), file=sys.stderr)
-
-    # 6. metadata last: it names the generation's files and marks the folder as a complete database
+    share = lambda rows: range(rows * RANK // WORLD, rows * (RANK + 1) // WORLD)    # this process's rows
+    part = lambda split, rank: temporary(out / f"{split}_ids.part{rank}.npy")
+    with together("searching neighbours"):
+        ids = {"train": search(index, train_emb, m, "search train", lambda found, rows: exclude_own_sequences(
+                   found, k, n, len(train_emb), docs, rows), share(len(train_emb))),
+               "val": search(index, val_emb, k, "search val", rows=share(len(val_emb)))}
+        for split in ("train", "val") if WORLD > 1 else ():
+            np.save(part(split, RANK), ids[split])
     meta.pop("nprobe", None)
-    meta.update(index=why.split(":")[0], **({"nprobe": index.nprobe} if hasattr(index, "nprobe") else {}),
-                embedding_dim=int(emb.shape[1]), n_chunks=len(emb), generation=generation, files=files)
-    with atomic(out / "meta.json") as tmp:
-        Path(tmp).write_text(json.dumps(meta, indent=1))
-    clean(out, meta)                    # only now: until meta.json named this generation, the last one was current
+    meta.update(index=why.split(":")[0], **({"nprobe": nprobe} if nprobe else {}), embedding_dim=int(emb.shape[1]),
+                n_chunks=len(emb), generation=generation, files=files)
+    with together("writing the neighbours"):
+        if RANK == 0:
+            for split in ("train", "val"):
+                if WORLD > 1:
+                    ids[split] = np.concatenate([np.load(part(split, rank)) for rank in range(WORLD)])
+                save(out / files[f"{split}_neighbour_ids"], ids[split])
+                with atomic(out / files[f"{split}_neighbours"]) as tmp:       # in blocks: it can exceed memory
+                    nb = np.lib.format.open_memmap(tmp, "w+", tokens.dtype, (*ids[split].shape, 2 * M))
+                    for i in range(0, len(nb), 65536):
+                        nb[i:i + 65536] = neighbour_tokens(tokens, ids[split][i:i + 65536], M, pad, eot)
+                    nb.flush()
+                    del nb
+            if (missing := (ids["train"] < 0).mean()) > 0.01:
+                print(f"warning: {missing:.0%} of training neighbours are missing (padding): the text is short "
+                      f"for --seq_len {r['seq_len']}" + (", or its documents long" if docs else ""), file=sys.stderr)
+            # 6. metadata last: it names the generation's files and marks the folder as a complete database
+            with atomic(out / "meta.json") as tmp:
+                Path(tmp).write_text(json.dumps(meta, indent=1))
+            clean(out, meta)            # only now: until meta.json named this generation, the last one was current
     return meta
 
 
@@ -861,7 +949,8 @@ def show(cfg: DBConfig):
         dist = ((emb[np.clip(ids[0], 0, None)].astype(np.float32) - query.astype(np.float32)) ** 2).sum(-1)[None]
         r = dict(ids=ids, distances=dist, neighbours=np.load(current_file(db, meta, f"{split}_neighbours"),
                                                              mmap_mode="r")[c][None])
-        print(f"{db}, {split} chunk {c}, its stored neighbours (what training and evaluation read):")
+        names = [f"{split} chunk {c}"]
+        print(f"{db}: the stored neighbours of {split} chunk {c} (what training and evaluation read)")
     else:
         retriever = connect(db, cfg.device)
         meta, M, tok = retriever.meta, retriever.M, retriever.tokenizer
@@ -870,22 +959,32 @@ def show(cfg: DBConfig):
         if not len(chunks):
             raise DBError("--show needs some text, or train:N / val:N")
         r = retriever.query(chunks)
-        print(f"{db}: the {retriever.k} nearest chunks of each of the {len(chunks)} chunks of {M} tokens of the text:")
+        names = [f"chunk {b} of the text" for b in range(len(chunks))]
+        print(f"{db}: the {retriever.k} nearest chunks of each chunk of {M} tokens of the text")
     text = lambda t: repr(tok.decode(np.asarray(t).tolist(), skip_special_tokens=True))
     for b in range(len(chunks)):
-        print(f"chunk {b}: {text(chunks[b])}")
+        print(f"{names[b]}: {text(chunks[b])}")
         for j, (i, d) in enumerate(zip(r["ids"][b], r["distances"][b])):
             print(f"  neighbour {j}: {where(meta, int(i))}, distance {d:.3f}\n    N: {text(r['neighbours'][b][j][:M])}"
                   f"\n    F: {text(r['neighbours'][b][j][M:])}")
 
 
 def main(argv=None):
+    global RANK, WORLD
     cfg = cli(DBConfig, "Build a RETRO retrieval database from a text, grow one (--add), serve one (--serve), or "
                         "look inside one (--show).", argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not (cfg.serve or cfg.show):     # torchrun: see together()
+        RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        torch.distributed.init_process_group("gloo")          # small objects only: the arrays go through files
     try:
         serve(cfg) if cfg.serve else show(cfg) if cfg.show else build(cfg)
-    except DBError as e:
-        sys.exit(f"build_db.py: error: {e}")
+    except DBError as e:                # under torchrun: process 0 says what any process's failure was
+        relayed = WORLD > 1 and str(e).startswith("process ")
+        sys.exit(f"build_db.py: error: {e}" if RANK == 0 or not relayed else 1)
+    finally:
+        if WORLD > 1:
+            torch.distributed.destroy_process_group()
+            RANK, WORLD = 0, 1
 
 
 if __name__ == "__main__":

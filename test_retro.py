@@ -1093,7 +1093,7 @@ def test_an_interrupted_add_leaves_the_previous_database(multi_db, tmp_path, mon
     real_save = build_db.save
 
     def interrupted(path, array):                       # after the new index and training neighbours
-        if Path(path).name.startswith("val_neighbours"):
+        if Path(path).name.startswith("val_neighbour_ids"):
             raise KeyboardInterrupt
         real_save(path, array)
     monkeypatch.setattr(build_db, "save", interrupted)
@@ -1116,6 +1116,50 @@ def test_an_interrupted_add_leaves_the_previous_database(multi_db, tmp_path, mon
     assert sorted(f.name for f in out.iterdir() if build_db.GENERATION_FILE.match(f.name)) == sorted(
         build_db.generation_files(1).values())
     assert not [f for f in out.rglob(".*")], "no temporary files left behind"
+
+
+def torchrun_build(tmp_path, argv, before=""):
+    """build_db.main(argv) in 2 CPU processes under torchrun (gloo), after the Python code `before`."""
+    script = tmp_path / "run_build_db.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport build_db\n{before}\n"
+                      "build_db.main(sys.argv[1:])\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_build_on_two_processes_is_the_single_process_build(web_db, tmp_path):
+    """torchrun --nproc_per_node=2 build_db.py: training text and two retrieval-only texts, embedded and searched
+    in two shares; the same files, tokens, neighbours and metadata, embeddings equal up to float16 rounding."""
+    one, _ = web_db
+    r = torchrun_build(tmp_path, [one.text, "--out", str(tmp_path / "two"), "--retrieval_texts", one.retrieval_texts,
+                                  "--chunk_len", str(DB_M), "--k", "2", "--seq_len", str(DB_SEQ), "--vocab_size", "512",
+                                  "--val_every", "3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = Path(one.out), tmp_path / "two"
+    files = sorted(str(f.relative_to(a)) for f in a.rglob("*") if f.is_file())
+    assert files == sorted(str(f.relative_to(b)) for f in b.rglob("*") if f.is_file())
+    for f in files:
+        if f.endswith("_emb.npy"):
+            assert np.allclose(np.load(a / f), np.load(b / f), atol=2e-3), f
+        elif f.endswith(".npy"):
+            assert np.array_equal(np.load(a / f), np.load(b / f)), f
+    assert build_db.load_meta(a) == build_db.load_meta(b)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    assert r.stdout.count("wrote ") == 1                # process 0 speaks for both
+
+
+def test_a_process_that_fails_leaves_no_database_and_is_named(multi_db, tmp_path):
+    fail_in_process_1 = ("real = build_db.Embedder.__call__\n"
+                         "def failing(self, texts):\n"
+                         "    if build_db.RANK == 1:\n"
+                         "        raise RuntimeError('simulated failure')\n"
+                         "    return real(self, texts)\n"
+                         "build_db.Embedder.__call__ = failing")
+    r = torchrun_build(tmp_path, [multi_db.text, "--out", str(tmp_path / "db"), "--chunk_len", str(DB_M),
+                                  "--seq_len", str(DB_SEQ), "--vocab_size", "512"], fail_in_process_1)
+    assert r.returncode != 0
+    assert "build_db.py: error: process 1 of 2 failed embedding" in r.stderr and "simulated failure" in r.stderr
+    assert not (tmp_path / "db" / "meta.json").exists() and not list((tmp_path / "db").glob("*_emb.npy"))
 
 
 def test_ddp_on_two_cpu_processes_trains(multi_db, tmp_path):

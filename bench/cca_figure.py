@@ -52,8 +52,9 @@ def main():
     cca, logits, M = reach()
     L, T = cca.shape
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=120, sharey=True)
-    for ax, grid, title in ((axes[0], cca, "positions that read chunk u's neighbours\n(output of the first CCA layer)"),
-                            (axes[1], logits, "logits that change with chunk u's neighbours\n(through the layers above)")):
+    for ax, grid, title in (
+            (axes[0], cca, "positions that read chunk u's neighbours\n(output of the first CCA layer)"),
+            (axes[1], logits, "logits that change with chunk u's neighbours\n(through the layers above)")):
         ax.imshow(grid.float(), cmap="Blues", vmin=0, vmax=1.6, aspect="auto", interpolation="nearest")
         ax.set_xticks(range(T), [str(i) for i in range(T)], fontsize=6)
         ax.set_xticks([c * M - 0.5 for c in range(1, L)], minor=True)
