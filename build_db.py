@@ -335,8 +335,9 @@ def embed_chunks(embedder, tok, stream, M, batch_size, out_path, desc):
                     bar.update(len(rows) * WORLD)
             emb.flush()
             del emb
-        if RANK == 0:
-            os.replace(tmp, out_path)
+        with together(f"writing {out_path.name}"):     # renamed before any process goes on to read it
+            if RANK == 0:
+                os.replace(tmp, out_path)
     finally:
         if RANK == 0:
             tmp.unlink(missing_ok=True)

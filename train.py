@@ -340,7 +340,10 @@ def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, de
                 n, f = (t[t != pad] for t in (nb[0, j, :M], nb[0, j, M:]))      # padding not shown
                 print(f"    neighbour {j}: {text(n)!r}\n      continues: {text(f)!r}")
         if cfg.choose_neighbours:
-            typed = input("    Enter keeps them; or type the text every neighbour should hold (-: none): ").strip()
+            try:
+                typed = input("    Enter keeps them; or type the text every neighbour should hold (-: none): ").strip()
+            except EOFError:                       # the end of piped input: keep them, from here on
+                typed = ""
             if not sys.stdin.isatty():
                 print(typed)                       # a transcript shows what was typed
             if typed:
