@@ -804,9 +804,14 @@ class RemoteRetriever(Retriever):
                     neighbours=np.array(r["neighbours"], dtype=np.int64))
 
 
+def is_server(db) -> bool:
+    """Is db the address of a retrieval server (python build_db.py --serve) rather than a database folder?"""
+    return str(db).startswith(("http://", "https://"))
+
+
 def connect(db, device: str = "auto") -> Retriever:
     """A database folder, or the http://host:port address of a server: a Retriever either way."""
-    return RemoteRetriever(str(db)) if str(db).startswith(("http://", "https://")) else Retriever(db, device)
+    return RemoteRetriever(str(db)) if is_server(db) else Retriever(db, device)
 
 
 # ---- the retrieval server: python build_db.py --serve --out DB ---------------------------------------------
@@ -936,7 +941,7 @@ def where(meta: dict, i: int) -> str:
 def show(cfg: DBConfig):
     """Print what retrieval finds: for a text, each of its chunks' K nearest chunks (a database folder or a
     server's address); for train:N or val:N, the neighbours stored for that chunk of the stream."""
-    db = str(cfg.out) if str(cfg.out).startswith("http") else db_dir(cfg)
+    db = cfg.out if is_server(cfg.out) else db_dir(cfg)
     if m := re.fullmatch(r"(train|val):(\d+)", cfg.show.strip()):
         split, c = m[1], int(m[2])
         meta = load_meta(db)

@@ -29,8 +29,8 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from build_db import (DBConfig, DBError, Retriever, build, cli, connect, current_file, db_dir, default_device,
-                      load_meta)
+from build_db import (PAD, DBConfig, DBError, Retriever, build, cli, connect, current_file, db_dir, default_device,
+                      is_server, load_meta)
 from retro import RETRO, RetroConfig
 
 
@@ -324,7 +324,9 @@ def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, de
     """Sample after prompt. Each time a chunk completes, its K neighbours come from the retriever (None: a model
     without retrieval), or from --neighbours_file, or from you (--choose_neighbours); --show_neighbours prints
     them. A neighbour's text is tokenized and cut or padded to 2M tokens: N, then F."""
-    M, K, pad = model.config.chunk_len, cfg.n_neighbours, tok.token_to_id("<|pad|>")
+    if retriever is None and (cfg.neighbours_file or cfg.choose_neighbours):
+        fail("this model was trained without retrieval (n_neighbours 0): it reads no neighbours")
+    M, K, pad = model.config.chunk_len, cfg.n_neighbours, tok.token_to_id(PAD)
     text = lambda ids: tok.decode(ids.tolist(), skip_special_tokens=False)
     chosen = read_neighbours_file(cfg.neighbours_file, K) if cfg.neighbours_file else []
     as_neighbours = lambda texts: torch.tensor([[(tok.encode(t).ids + [pad] * 2 * M)[:2 * M] for t in texts]])
@@ -349,8 +351,6 @@ def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, de
             if typed:
                 nb = as_neighbours(["" if typed == "-" else typed] * K)
         return nb.to(device)
-    if retriever is None and (cfg.neighbours_file or cfg.choose_neighbours):
-        fail("this model was trained without retrieval (n_neighbours 0): it reads no neighbours")
     idx = torch.tensor([tok.encode(prompt).ids], device=device)
     torch.manual_seed(cfg.seed)
     out = model.generate(idx, cfg.max_new_tokens, retrieve if retriever else None, cfg.temperature, cfg.top_k or None)
@@ -385,7 +385,7 @@ def main(argv=None):
     # bf16 autocast on CUDA only: on a CPU bf16 matrix products are 10-100x slower than fp32
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    remote = cfg.db.startswith(("http://", "https://"))    # a retrieval server: python build_db.py --serve
+    remote = is_server(cfg.db)
     if remote and ckpt is None:
         fail(f"--db {cfg.db}: training reads a database folder; a server's address serves --sample and --eval_only")
     try:
