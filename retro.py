@@ -471,7 +471,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 w = (valid.to(acc) / n).unsqueeze(1)                            # 1/n, or 0 where ignored
                 g = e.mul_(w / total).scatter_add_(1, t, -w)                    # (softmax - onehot) / n
                 grad_x[i:i + rows] = g.to(weight.dtype) @ weight
-                grad_w += g.t() @ xi.to(acc)
+                grad_w.addmm_(g.t(), xi.to(acc))                                # += g.T @ xi, in place
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss / n

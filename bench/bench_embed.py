@@ -12,6 +12,12 @@ embedding to fp32's and recall@K of exact neighbours within the sample against f
                   activations scaled per batch, padding included: a chunk's embedding depends on its batch)
     int8-rows     a per-row int8 linear (torch._int_mm; weights per output row, activations per token)
     compiled      torch.compile(model, dynamic=True); compile time is reported apart
+
+    python bench/bench_embed.py --ceiling  # how much faster any int8 path could be, at best, on this CPU
+
+--ceiling profiles the fp32 embedding (the share of time in BERT's linear layers, and their GFLOP/s), times one
+feed-forward-sized product in fp32 and in int8 (torch._int_mm), and prints the bound on the speed-up of an int8
+path whose quantization costs nothing: 1 / (1 - f + f / s), f the linear layers' share, s the int8 speed-up.
 """
 
 import argparse
@@ -65,6 +71,43 @@ def recall(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a, b)]))
 
 
+def ceiling(texts: list, batch_size: int):
+    e = build_db.Embedder(build_db.DEFAULT_BERT, "mean", "cpu")
+    lengths = np.array([len(ids) for ids in e.tokenizer(texts)["input_ids"]])
+    texts = [texts[i] for i in np.argsort(lengths, kind="stable")]            # as build_db.py batches them
+    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    e(batches[0])
+    with torch.profiler.profile() as prof:
+        t = time.perf_counter()
+        for b in batches:
+            e(b)
+        seconds = time.perf_counter() - t
+    ops = prof.key_averages()
+    total = sum(o.self_cpu_time_total for o in ops)
+    linear = sum(o.self_cpu_time_total for o in ops if o.key in ("aten::addmm", "aten::mm"))
+    params = sum(m.weight.numel() for m in e.model.encoder.modules() if isinstance(m, torch.nn.Linear))
+    print(f"WordPieces per chunk (with [CLS] and [SEP]): mean {lengths.mean():.1f}, median {np.median(lengths):.0f}, "
+          f"max {lengths.max()}; {len(texts) / seconds:.1f} chunks/s under the profiler")
+    gflops = 2 * params * lengths.sum() / (linear / 1e6) / 1e9              # padding not counted
+    print(f"linear layers: {linear / total:.0%} of the time, at {gflops:.0f} GFLOP/s; the top of the profile:")
+    for o in sorted(ops, key=lambda o: -o.self_cpu_time_total)[:6]:
+        print(f"    {o.key:60s} {o.self_cpu_time_total / total:6.1%}")
+    rows, d, ff = batch_size * int(np.median(lengths)), e.model.config.hidden_size, e.model.config.intermediate_size
+    x, w = torch.randn(rows, d), torch.randn(ff, d)
+    xi, wi = torch.randint(-127, 128, (rows, d), dtype=torch.int8), torch.randint(-127, 128, (d, ff), dtype=torch.int8)
+    rate = {}
+    for name, f in (("fp32", lambda: x @ w.t()), ("int8", lambda: torch._int_mm(xi, wi))):
+        f()
+        t = time.perf_counter()
+        for _ in range(20):
+            f()
+        rate[name] = 20 * 2 * rows * d * ff / (time.perf_counter() - t) / 1e9
+    s, f = rate["int8"] / rate["fp32"], linear / total
+    print(f"({rows} x {d}) @ ({d} x {ff}): fp32 {rate['fp32']:.0f} GFLOP/s, int8 {rate['int8']:.0f} GOP/s: {s:.2f}x")
+    print(f"ceiling of an int8 path with free quantization: 1 / (1 - {f:.2f} + {f:.2f} / {s:.2f}) = "
+          f"{1 / (1 - f + f / s):.2f}x")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chunks", type=int, default=1024)
@@ -72,12 +115,15 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--k", type=int, default=build_db.DBConfig.k)
     p.add_argument("--variants", default="fp32,int8-dynamic,int8-rows,compiled")
+    p.add_argument("--ceiling", action="store_true", help="the bound on any int8 path's speed-up (see above)")
     args = p.parse_args()
     torch.set_num_threads(2)
     M = build_db.DBConfig.chunk_len
     docs = build_db.read_documents(str(ROOT / "text.txt"))
     tok = build_db.train_tokenizer(docs, build_db.DBConfig.vocab_size)
     stream = build_db.token_stream(tok, docs, M)[:args.chunks * M]
+    if args.ceiling:
+        return ceiling(tok.decode_batch(stream.reshape(-1, M).tolist(), skip_special_tokens=True), args.batch_size)
     names = args.variants.split(",")
     embedders = {n: variant(n) for n in names}
     times, emb, first = {n: [] for n in names}, {}, {}

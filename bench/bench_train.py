@@ -12,6 +12,11 @@ What it measures, for each implementation, on CPU in fp32 with torch.set_num_thr
                       that one implementation, builds the model and trains, read before the forward-only
                       runs; the RSS after the imports and the model build (before any step) is reported
                       too, as a baseline
+    faults, sys       minor page faults and system CPU seconds per timed training step (getrusage)
+    peak in use       the most memory glibc's malloc had handed out and not taken back (mallinfo2), read
+                      after every op of one more training step (not timed): what the implementation holds at
+                      its peak. Peak RSS also counts the freed memory the allocator keeps (fragmentation),
+                      and the libraries' own pages
     parameters        sum of numel over model.parameters() (tied weights counted once)
 
 The matched config (retro.py's names; the peers' own names are in their builders below):
@@ -24,6 +29,8 @@ Implementations:
     ours               retro.py in the repository root with its defaults (recompute_ffw=True: the feed-forward's
                        GELU is recomputed in backward instead of stored)
     ours-no-recompute  the same with recompute_ffw=False: faster, more memory
+    ours-checkpoint-encoder  an experiment: the neighbour encoder under torch.utils.checkpoint (nothing of it
+                       kept for backward; it runs again there)
     labml              labml-nn 0.5.1, labml_nn.transformers.retro.model (RetroModel + NearestNeighborEncoder)
     lucidrains         retro-pytorch 0.3.9 as shipped: RETRO(heads=4) is ignored, it builds 8 heads of 64
     lucidrains-4heads  the same with 4 heads, by passing heads=4 to its Encoder and Decoder at build time
@@ -45,6 +52,7 @@ this script puts an empty stand-in module in its place before importing retro_py
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -60,9 +68,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPLS = ("ours", "ours-no-recompute", "labml", "lucidrains", "lucidrains-4heads")
+IMPLS = ("ours", "ours-no-recompute", "ours-checkpoint-encoder", "labml", "lucidrains", "lucidrains-4heads")
 
 # ---- the matched config --------------------------------------------------------------------------------
 VOCAB, SEQ, CHUNK, K, R, BATCH = 30522, 512, 64, 2, 128, 8
@@ -76,12 +85,34 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
 
 
+class InUse(TorchDispatchMode):
+    """The memory glibc's malloc has handed out and not taken back (mallinfo2: uordblks + hblkhd), read after every
+    torch op, forward and backward: the peak of what the implementation holds, whatever the allocator keeps cached
+    around it (peak RSS counts that too). Linux with glibc >= 2.33 only."""
+
+    class Info(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    def __init__(self):
+        super().__init__()
+        self.libc = ctypes.CDLL("libc.so.6")
+        self.libc.mallinfo2.restype = InUse.Info
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        info = self.libc.mallinfo2()
+        self.peak = max(self.peak, info.uordblks + info.hblkhd)
+        return out
+
+
 # ---- one builder per implementation ----------------------------------------------------------------------
 # Each returns (model, optimizer, train_loss(tokens, neighbours), eval_loss(tokens, neighbours), describe()).
 # tokens is (B, SEQ + 1): inputs tokens[:, :-1], targets tokens[:, 1:]. describe() reports the model as built,
 # read back from its modules, with every layer index 0-based.
 
-def build_ours(recompute_ffw: bool = True):
+def build_ours(recompute_ffw: bool = True, checkpoint_encoder: bool = False):
     sys.path.insert(0, str(ROOT))
     from retro import RETRO, RetroConfig
 
@@ -91,6 +122,9 @@ def build_ours(recompute_ffw: bool = True):
                       recompute_ffw=recompute_ffw)
     model = RETRO(cfg)
     opt = model.configure_optimizers(weight_decay=WEIGHT_DECAY, learning_rate=LR)
+    if checkpoint_encoder:          # an experiment: keep nothing of the encoder for backward, run it again there
+        encode = model.encoder.forward
+        model.encoder.forward = lambda *args: torch.utils.checkpoint.checkpoint(encode, *args, use_reentrant=False)
 
     def train_loss(tokens, nb):                 # the default call: the loss without the (B, T, V) logits
         return model(tokens[:, :-1], nb, tokens[:, 1:])[1]
@@ -193,21 +227,25 @@ def build_lucidrains(patch_heads: bool):
     return model, opt, train_loss, eval_loss, describe
 
 
-BUILDERS = {"ours": build_ours, "ours-no-recompute": partial(build_ours, recompute_ffw=False), "labml": build_labml,
+BUILDERS = {"ours": build_ours, "ours-no-recompute": partial(build_ours, recompute_ffw=False),
+            "ours-checkpoint-encoder": partial(build_ours, checkpoint_encoder=True), "labml": build_labml,
             "lucidrains": partial(build_lucidrains, patch_heads=False),
             "lucidrains-4heads": partial(build_lucidrains, patch_heads=True)}
 
 
 # ---- measuring one implementation in this process ------------------------------------------------------
 
-def step_seconds(step, steps: int) -> list:
+def step_seconds(step, steps: int):
+    """Seconds of each of `steps` steps after a warm-up one, and their minor page faults and system CPU seconds
+    per step."""
     step()                                                   # warm-up
-    times = []
+    times, before = [], resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return times
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return times, (after.ru_minflt - before.ru_minflt) / steps, (after.ru_stime - before.ru_stime) / steps
 
 
 def run_one(impl: str, steps: int) -> dict:
@@ -230,17 +268,24 @@ def run_one(impl: str, steps: int) -> dict:
         losses.append(eval_loss(tokens, neighbours).item())
 
     model.train()
-    train_times = step_seconds(train_step, steps)
+    train_times, faults, sys_s = step_seconds(train_step, steps)
     train_peak = peak_rss_gib()                              # training's peak, before the forward-only runs
+    try:                                                     # one more step, untimed, to read the memory in use
+        with InUse() as in_use:
+            train_step()
+        in_use_peak = in_use.peak / 2**30
+    except (OSError, AttributeError):                        # not glibc >= 2.33
+        in_use_peak = float("nan")
     model.eval()
     with torch.no_grad():
-        fwd_times = step_seconds(forward_step, steps)
+        fwd_times = step_seconds(forward_step, steps)[0]
     train_s, fwd_s = statistics.median(train_times), statistics.median(fwd_times)
     assert all(map(math.isfinite, losses)), f"{impl}: non-finite loss {losses}"
     return dict(impl=impl, params=sum(p.numel() for p in model.parameters()), steps=steps,
                 train_tok_s=BATCH * SEQ / train_s, fwd_tok_s=BATCH * SEQ / fwd_s,
                 train_step_s=[round(t, 3) for t in train_times], fwd_step_s=[round(t, 3) for t in fwd_times],
                 first_loss=losses[0], last_train_loss=losses[steps], peak_rss_gib=train_peak,
+                peak_in_use_gib=in_use_peak, minor_faults_per_step=round(faults), sys_s_per_step=round(sys_s, 3),
                 rss_after_build_gib=rss_build, threads=torch.get_num_threads(), torch=torch.__version__,
                 config=describe())
 
@@ -287,19 +332,22 @@ def run_all(impls, steps: int, rounds: int, release: bool = False):
     for impl, rs in runs.items():
         if rs:
             results[impl] = {**rs[0], **{key: statistics.median(r[key] for r in rs)
-                                         for key in ("train_tok_s", "fwd_tok_s", "peak_rss_gib")}}
+                                         for key in ("train_tok_s", "fwd_tok_s", "peak_rss_gib", "peak_in_use_gib",
+                                                       "minor_faults_per_step", "sys_s_per_step")}}
 
     base = results.get("labml")
     ratio = lambda r, key: f"{r[key] / base[key]:.2f}" if base else "-"
     print(f"\nCPU fp32, 2 threads, batch {BATCH} x {SEQ} tokens; each run: median of {steps} steps after 1 "
           f"warm-up; table: median over {rounds} rounds (torch {torch.__version__})"
           + ("; every process with MALLOC_TRIM_THRESHOLD_=0" if release else "") + "\n")
-    print("| implementation | parameters | train tokens/s | train vs labml | forward tokens/s "
-          "| peak RSS GiB | peak RSS vs labml |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| implementation | parameters | train tokens/s | train vs labml | forward tokens/s | peak RSS GiB "
+          "| peak RSS vs labml | peak in use GiB | in use vs labml | page faults / step | system s / step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for impl, r in results.items():
-        print(f"| {impl} | {r['params'] / 1e6:.2f}M | {r['train_tok_s']:.0f} | {ratio(r, 'train_tok_s')} "
-              f"| {r['fwd_tok_s']:.0f} | {r['peak_rss_gib']:.2f} | {ratio(r, 'peak_rss_gib')} |")
+        print(f"| {impl} | {r['params'] / 1e6:.2f}M | {r['train_tok_s']:,.0f} | {ratio(r, 'train_tok_s')} "
+              f"| {r['fwd_tok_s']:,.0f} | {r['peak_rss_gib']:.2f} | {ratio(r, 'peak_rss_gib')} "
+              f"| {r['peak_in_use_gib']:.2f} | {ratio(r, 'peak_in_use_gib')} | {r['minor_faults_per_step']:,.0f} "
+              f"| {r['sys_s_per_step']:.2f} |")
 
     print("\nAs built (layer indices 0-based; RSS after imports and model build, before any step):\n")
     print("| implementation | layers | heads x dim | CCA at | CCA heads | d_ff | enc layers | enc heads "
