@@ -750,18 +750,48 @@ class Retriever:
         if "nprobe" in meta:
             faiss.extract_index_ivf(self.index).nprobe = meta["nprobe"]
         self.stream = load_streams(path, meta, "tokens")
-        self.lock = threading.Lock()    # one search at a time (a server's threads): each uses every core
+        self.lock, self.waiting, self.waiting_lock = threading.Lock(), [], threading.Lock()   # see query
 
     def query(self, chunks=None, texts=None, k: int = None) -> dict:
         """(B, M) token ids, or B texts -> the k nearest chunks of each, nearest first: their numbers "ids"
         (B, k), squared L2 "distances" (B, k) between unit embeddings (= 2 - 2 cos), and "neighbours"
-        (B, k, 2M), each chunk's tokens [N, F]."""
+        (B, k, 2M), each chunk's tokens [N, F].
+
+        Threads (a server's) search one at a time, since one search uses every core; but the one that runs answers
+        every query that arrived while it waited, with one embedding call and one search: concurrent queries of
+        a chunk each cost little more than one."""
+        if texts is None:
+            texts = self.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True)
+        mine = dict(texts=list(texts), k=k or self.k)
+        with self.waiting_lock:
+            self.waiting.append(mine)
         with self.lock:
-            if texts is None:
-                texts = self.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True)
-            distances, ids = self.index.search(self.embedder(texts), k or self.k)
-        return dict(ids=ids, distances=distances, neighbours=neighbour_tokens(
-            self.stream, ids, self.M, self.meta["pad_id"], self.meta["eot_id"]))
+            if "ids" not in mine and "error" not in mine:       # no other thread answered it meanwhile
+                with self.waiting_lock:
+                    batch, self.waiting = self.waiting, []
+                try:
+                    self.answer(batch)
+                except Exception as e:                          # each waiting thread raises it too
+                    for q in batch:
+                        q["error"] = e
+        if "error" in mine:
+            raise mine["error"]
+        return dict(ids=mine["ids"], distances=mine["distances"], neighbours=neighbour_tokens(
+            self.stream, mine["ids"], self.M, self.meta["pad_id"], self.meta["eot_id"]))
+
+    def answer(self, queries: list):
+        """Answer queries [{"texts", "k"}, ...] in place: embed all their texts in batches of similar length, as
+        the build does, and search once."""
+        texts = [t for q in queries for t in q["texts"]]
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        emb = np.empty((len(texts), self.embedder.dim), np.float32)
+        for i in range(0, len(texts), DBConfig.batch_size):
+            rows = order[i:i + DBConfig.batch_size]
+            emb[rows] = self.embedder([texts[j] for j in rows])
+        distances, ids = self.index.search(emb, max(q["k"] for q in queries))
+        start = np.cumsum([0] + [len(q["texts"]) for q in queries])
+        for q, a, b in zip(queries, start, start[1:]):
+            q.update(ids=ids[a:b, :q["k"]], distances=distances[a:b, :q["k"]])
 
     def __call__(self, chunks):
         assert chunks.shape[-1] == self.M, f"chunks {tuple(chunks.shape)}: expected (B, {self.M})"

@@ -1178,6 +1178,7 @@ def test_ddp_on_two_cpu_processes_trains(multi_db, tmp_path):
 
 import http.client                                                      # noqa: E402
 import threading                                                        # noqa: E402
+import time                                                             # noqa: E402
 from concurrent.futures import ThreadPoolExecutor                       # noqa: E402
 
 
@@ -1315,6 +1316,37 @@ def test_a_server_under_concurrent_clients_answers_every_request_as_local_retrie
         for rows, (code, answer) in pool.map(ask, jobs):
             assert code == 200 and answer["ids"] == want["ids"][rows].tolist()
             assert answer["neighbours"] == want["neighbours"][rows].tolist()
+
+
+def test_concurrent_queries_share_embedding_calls_and_each_gets_its_own_answer_or_the_error(grown_db):
+    """Threads that query while another embeds are answered together by the next one to run: fewer embedding
+    calls than queries, each query's answer as if it ran alone; an error reaches every waiting query."""
+    retriever = build_db.Retriever(grown_db.out, device="cpu")
+    chunks = load(grown_db, "val_tokens").reshape(-1, DB_M)[:8].astype(np.int64)
+    alone = [retriever.query(chunks[i:i + 1], k=1 + i % 2) for i in range(8)]
+    embed, calls = retriever.embedder, []
+
+    def slow(texts):                    # long enough that the other threads queue up behind the first
+        calls.append(len(texts))
+        time.sleep(0.2)
+        return embed(texts)
+    retriever.embedder = type("Slow", (), {"__call__": staticmethod(slow), "dim": embed.dim})()
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda i: retriever.query(chunks[i:i + 1], k=1 + i % 2), range(8)))
+    assert len(calls) < 8 and sum(calls) == 8
+    for a, b in zip(alone, together):
+        assert a["ids"].shape == b["ids"].shape and np.array_equal(a["ids"], b["ids"])
+        assert np.array_equal(a["neighbours"], b["neighbours"]) and np.allclose(a["distances"], b["distances"], atol=1e-5)
+
+    def broken(texts):
+        time.sleep(0.2)
+        raise RuntimeError("the embedder broke")
+    retriever.embedder = type("Broken", (), {"__call__": staticmethod(broken), "dim": embed.dim})()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(retriever.query, chunks[i:i + 1]) for i in range(4)]
+        for f in futures:
+            with pytest.raises(RuntimeError, match="the embedder broke"):
+                f.result(timeout=60)
 
 
 def test_a_server_whose_database_does_not_fit_the_model_is_refused_in_one_line(trained, tmp_path, capsys):

@@ -123,6 +123,7 @@ def build_ours(recompute_ffw: bool = True, checkpoint_encoder: bool = False):
     model = RETRO(cfg)
     opt = model.configure_optimizers(weight_decay=WEIGHT_DECAY, learning_rate=LR)
     if checkpoint_encoder:          # an experiment: keep nothing of the encoder for backward, run it again there
+        import torch.utils.checkpoint
         encode = model.encoder.forward
         model.encoder.forward = lambda *args: torch.utils.checkpoint.checkpoint(encode, *args, use_reentrant=False)
 
