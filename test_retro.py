@@ -94,6 +94,24 @@ def test_chunked_loss_equals_cross_entropy_of_the_logits_with_the_same_gradients
     assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(g1, g2))
 
 
+def test_chunked_loss_under_autocast_matches_the_plain_loss_under_autocast():
+    """Under autocast (bf16 on CUDA in train.py; here on the CPU) the lean loss takes its products in bf16, as
+    autograd's would, and still gives the plain loss and gradients, to bf16's precision."""
+    from retro import ChunkedCrossEntropy
+    g = torch.Generator().manual_seed(8)
+    x, w = torch.randn(600, 32, generator=g), torch.randn(300, 32, generator=g) * 0.3
+    targets = torch.randint(0, 300, (600,), generator=g)
+    results = []
+    for lean in (True, False):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ChunkedCrossEntropy.apply(xl, wl, targets) if lean else F.cross_entropy(xl @ wl.t(), targets)
+        loss.backward()
+        results.append((loss.float(), xl.grad, wl.grad))
+    for a, b in zip(*results):
+        assert torch.allclose(a.float(), b.float(), rtol=0.03, atol=3e-4), (a - b).abs().max()
+
+
 def test_recomputing_the_feed_forward_activation_gives_the_same_gradients():
     grads = []
     for recompute in (False, True):
