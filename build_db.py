@@ -528,16 +528,17 @@ def prepare_source(out: Path, text: str, docs: list, tok, key: str, embedder, M:
                    force: bool = False) -> dict:
     """A retrieval-only text's token stream and chunk embeddings: files that exist for its key are reused."""
     tokens, emb = out / "sources" / f"{key}_tokens.npy", out / "sources" / f"{key}_emb.npy"
-    if force or not (tokens.exists() and emb.exists()):
+    redo = force or not (tokens.exists() and emb.exists())
+    if redo:
         with together(f"tokenizing {text}"):
             if RANK == 0:
                 tokens.parent.mkdir(exist_ok=True)
                 save(tokens, token_stream(tok, docs, M))
             embedder()
-        stream = np.load(tokens, mmap_mode="r")
+    stream = np.load(tokens, mmap_mode="r")
+    if redo:
         print0(f"embedding {len(stream) // M:,} chunks of {text} on {embedder().device}")
         embed_chunks(embedder(), tok, stream, M, batch_size, emb, f"embed {Path(text).name}")
-    stream = np.load(tokens, mmap_mode="r")
     return dict(text=str(text), key=key, n_documents=len(docs), n_chunks=len(stream) // M,
                 n_tokens=int((stream != tok.token_to_id(PAD)).sum()))
 
@@ -647,7 +648,7 @@ def add_text(cfg: DBConfig) -> dict:
         print0(f"{out} already holds {cfg.add}")
         return meta
     if RANK == 0:
-            warn_verbatim(cfg.add, docs, {name: stream_documents(tok, np.load(out / f"{s}_tokens.npy"), meta["eot_id"])
+        warn_verbatim(cfg.add, docs, {name: stream_documents(tok, np.load(out / f"{s}_tokens.npy"), meta["eot_id"])
                                       for s, name in (("train", "training"), ("val", "validation"))})
     embedder = functools.cache(lambda: Embedder(c["bert"], c["pooling"], cfg.device))
     source = prepare_source(out, cfg.add, docs, tok, key, embedder, c["chunk_len"], cfg.batch_size)

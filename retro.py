@@ -470,8 +470,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 w = (valid.to(acc) / n).unsqueeze(1)                            # 1/n, or 0 where ignored
                 g = e.mul_(w / total).scatter_add_(1, t, -w)                    # (softmax - onehot) / n
                 grad_x[i:i + rows] = g.to(weight.dtype) @ weight
-                if torch.is_autocast_enabled(x.device.type):                   # the product in bf16, as before
-                    grad_w += g.t() @ xi
+                if torch.is_autocast_enabled(x.device.type):   # addmm_ is not autocast: it would run in fp32
+                    grad_w += g.t() @ xi                                        # (V, C), in autocast's dtype
                 else:                                                           # in place: no (V, C) temporary
                     grad_w.addmm_(g.t(), xi.to(acc))
         ctx.save_for_backward(grad_x, grad_w)
