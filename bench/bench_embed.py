@@ -2,6 +2,7 @@
 Embedding throughput of build_db.py on the CPU, and what cheaper variants of the frozen embedder would buy.
 
     python bench/bench_embed.py            # 1,024 chunks of text.txt, MiniLM, batches of 64, 2 threads
+    python bench/bench_embed.py --variants fp32,int8-rows,int8-tiled,int8-tiled-attention,int8-tiled-ffw
 
 Each variant runs build_db.embed_chunks, everything the build does per chunk (decode the BPE tokens to text,
 sort by length, BERT-tokenize, forward, pool, normalise, write the float16 memmap), the variants alternating,
@@ -11,6 +12,8 @@ embedding to fp32's and recall@K of exact neighbours within the sample against f
     int8-dynamic  torch.ao.quantization.quantize_dynamic on BERT's nn.Linear layers (weights int8 per tensor,
                   activations scaled per batch, padding included: a chunk's embedding depends on its batch)
     int8-rows     a per-row int8 linear (torch._int_mm; weights per output row, activations per token)
+    int8-tiled    the same kernel a tile of 1,024 rows at a time, the rescaling (and the feed-forward's GELU) on
+                  each tile while it is in cache; -attention / -ffw quantize only those linear layers
     compiled      torch.compile(model, dynamic=True); compile time is reported apart
 
     python bench/bench_embed.py --ceiling  # how much faster any int8 path could be, at best, on this CPU
@@ -51,6 +54,27 @@ class Int8Rows(torch.nn.Module):
         return y.add_(self.bias).view(*x.shape[:-1], -1)
 
 
+class Int8Tiled(Int8Rows):
+    """The same per-token int8 linear, a tile of rows at a time, so the rescaling passes over each int32 product
+    (and the GELU after the feed-forward's first layer) run while it is still in cache."""
+
+    def __init__(self, linear, act=None, tile: int = 1024):
+        super().__init__(linear)
+        self.act, self.tile = act, tile
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.size(-1))
+        out = torch.empty(len(rows), self.w.size(1))
+        for i in range(0, len(rows), self.tile):
+            r, o = rows[i:i + self.tile], out[i:i + self.tile]
+            scale = torch.maximum(r.amax(1, keepdim=True), r.amin(1, keepdim=True).neg_()).clamp_(min=1e-12) / 127
+            torch.mul(torch._int_mm(torch.div(r, scale).round_().to(torch.int8), self.w), self.w_scale, out=o)
+            o.mul_(scale).add_(self.bias)
+            if self.act is not None:
+                torch.ops.aten.gelu_(o)
+        return out.view(*x.shape[:-1], -1)
+
+
 def variant(name: str) -> build_db.Embedder:
     e = build_db.Embedder(build_db.DEFAULT_BERT, "mean", "cpu")
     if name == "int8-dynamic":
@@ -62,6 +86,16 @@ def variant(name: str) -> build_db.Embedder:
             for n, child in parent.named_children():
                 if isinstance(child, torch.nn.Linear):
                     setattr(parent, n, Int8Rows(child))
+    elif name.startswith("int8-tiled"):     # int8-tiled: every linear layer; -attention / -ffw: those only
+        for layer in e.model.encoder.layer:
+            if not name.endswith("-ffw"):
+                for parent, n in ((layer.attention.self, "query"), (layer.attention.self, "key"),
+                                  (layer.attention.self, "value"), (layer.attention.output, "dense")):
+                    setattr(parent, n, Int8Tiled(getattr(parent, n)))
+            if not name.endswith("-attention"):
+                layer.intermediate.dense = Int8Tiled(layer.intermediate.dense, act="gelu")
+                layer.intermediate.intermediate_act_fn = torch.nn.Identity()
+                layer.output.dense = Int8Tiled(layer.output.dense)
     elif name == "compiled":
         e.model = torch.compile(e.model, dynamic=True)
     return e
