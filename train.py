@@ -29,8 +29,8 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from build_db import (PAD, DBConfig, DBError, Retriever, build, cli, connect, current_file, db_dir, default_device,
-                      is_server, load_meta)
+from build_db import (PAD, SEPARATOR, DBConfig, DBError, Retriever, build, cli, connect, current_file, db_dir,
+                      is_server, load_meta, resolve_device)
 from retro import RETRO, RetroConfig
 
 
@@ -76,7 +76,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile the model
     peak_tflops: float = 0.0        # for MFU; 0: an H100's bf16 dense peak on CUDA, a measured matmul on CPU
     # sampling
-    sample: str = ""                # a prompt: generate from out_dir/ckpt.pt instead of training
+    sample: str = None              # a prompt: generate from out_dir/ckpt.pt instead of training ("": a new document)
     max_new_tokens: int = 256
     temperature: float = 0.8
     top_k: int = 50
@@ -271,7 +271,11 @@ def load_checkpoint(path: Path, meta: dict = None, db: Path = None, ckpt: dict =
     can use any database with its tokenizer and chunk length, whatever its text, grown or not."""
     if ckpt is None and not path.exists():
         fail(f"no checkpoint at {path}: train one first with python train.py --out_dir {path.parent}")
-    ckpt = ckpt or torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = ckpt or torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(ckpt, dict) and {"model", "model_config", "train_config", "iter"} <= ckpt.keys()
+    except Exception as e:
+        fail(f"{path} is not a checkpoint of train.py ({type(e).__name__}): pass the ckpt.pt of a run, or train again")
     if meta is None:
         return ckpt
     mc, tc = ckpt["model_config"], ckpt["train_config"]
@@ -301,8 +305,11 @@ def save_checkpoint(path: Path, raw_model, optimizer, cfg, it, meta):
             "tokenizer_sha256": meta["tokenizer_sha256"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_neighbours_file(path: str, K: int) -> list:
@@ -351,7 +358,7 @@ def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, de
             if typed:
                 nb = as_neighbours(["" if typed == "-" else typed] * K)
         return nb.to(device)
-    idx = torch.tensor([tok.encode(prompt).ids], device=device)
+    idx = torch.tensor([tok.encode(prompt).ids or [tok.token_to_id(SEPARATOR)]], device=device)  # "": a new document
     torch.manual_seed(cfg.seed)
     out = model.generate(idx, cfg.max_new_tokens, retrieve if retriever else None, cfg.temperature, cfg.top_k or None)
     return text(out[0])
@@ -360,17 +367,24 @@ def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, de
 def main(argv=None):
     cfg = cli(TrainConfig, "Train RETRO on a text file; sample from (--sample) or evaluate (--eval_only) it.", argv)
     ckpt_path, ckpt = Path(cfg.out_dir) / "ckpt.pt", None
-    if cfg.sample or cfg.eval_only:                   # a trained model: its shapes come from its checkpoint
+    sampling = cfg.sample is not None
+    if sampling or cfg.eval_only:                     # a trained model: its shapes come from its checkpoint
         tc = (ckpt := load_checkpoint(ckpt_path))["train_config"]
         cfg = replace(cfg, **{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours")})
     # ---- the machine: torchrun or not, device, precision ----
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
                                                                        ("WORLD_SIZE", 1)))
-    device = default_device() if cfg.device == "auto" else cfg.device
-    if (device.startswith("cuda") and not torch.cuda.is_available()
-            or device == "mps" and not torch.backends.mps.is_available()):
-        fail(f"--device {device} is not available here: use --device auto or cpu")
+    try:
+        device = resolve_device(cfg.device)
+    except DBError as e:
+        fail(e)
+    for name in ("block_size", "chunk_len", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name} must be at least 1, not {getattr(cfg, name)}")
+    for name in ("n_neighbours", "max_iters", "max_new_tokens", "temperature", "top_k", "dropout", "learning_rate"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name} cannot be negative ({getattr(cfg, name)})")
     if cfg.block_size % cfg.chunk_len:
         fail(f"--block_size {cfg.block_size} must be a multiple of --chunk_len {cfg.chunk_len}")
     model_config(cfg, {"vocab_size": cfg.vocab_size, "pad_id": 0})   # bad model flags fail now, not after a build
@@ -392,7 +406,7 @@ def main(argv=None):
         if remote:      # the server retrieves; the held-out text to evaluate on is in the model's own database
             retriever = connect(cfg.db)
             load_checkpoint(ckpt_path, retriever.meta, cfg.db, ckpt)
-            db, meta = (cfg.db, retriever.meta) if cfg.sample else prepare_db(
+            db, meta = (cfg.db, retriever.meta) if sampling else prepare_db(
                 replace(cfg, data=tc["data"], db=tc["db"]), training=False)
         elif master:
             db, meta = prepare_db(cfg, training=ckpt is None)
@@ -405,13 +419,13 @@ def main(argv=None):
     if ckpt is not None:                              # sample from, or evaluate, a trained model
         if not remote:
             load_checkpoint(ckpt_path, meta, db, ckpt)
-            retriever = Retriever(db, device) if cfg.sample and cfg.n_neighbours else None
+            retriever = Retriever(db, device) if sampling and cfg.n_neighbours else None
         if (k := (retriever.meta if remote else meta)["retrieval"]["k"]) < cfg.n_neighbours:
             fail(f"{cfg.db or db} holds {k} neighbours per chunk and the model reads {cfg.n_neighbours}: build it "
                  f"with --k {cfg.n_neighbours}")
         model = RETRO(RetroConfig(**ckpt["model_config"])).to(device).eval()
         model.load_state_dict(ckpt["model"])
-        if cfg.sample:
+        if sampling:
             tok = retriever.tokenizer if remote else Tokenizer.from_file(str(db / "tokenizer.json"))
             text = generate(model, tok, retriever if cfg.n_neighbours else None, cfg.sample, cfg, device)
             print(("--- sample:\n" if cfg.show_neighbours or cfg.choose_neighbours else "") + text)
@@ -522,4 +536,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:     # checkpoints and databases are written whole (temporary file, then rename)
+        sys.exit("train.py: interrupted: nothing half-written is left; --resume continues from the last checkpoint")
