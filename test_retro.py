@@ -1120,6 +1120,14 @@ def test_bad_runs_fail_with_one_clear_line(trained, multi_db, tmp_path, capsys):
     assert "is a file" in train_error(capsys, "--data", multi_db.text, "--db", multi_db.text, *TINY_MODEL)
 
 
+def test_eval_only_repeats_the_evaluation_at_the_end_of_training(trained, multi_db):
+    out, _ = trained                                    # trained with --batch_size 4; the default is 8
+    r = train.main(["--eval_only", "--out_dir", str(out), "--db", multi_db.out, "--device", "cpu"])
+    final = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert final["final"] and final["step"] == 40 and r["on"][0] == pytest.approx(final["loss_on"], rel=1e-6)
+    assert r["probe"] == pytest.approx(final["probe"], rel=1e-6)      # the oracle check on the same batches
+
+
 def test_evaluation_with_a_grown_database_retrieves_from_the_added_text(trained, multi_db, grown_db, capsys):
     """The model trained on multi_db, evaluated with multi_db grown by web.txt (which holds a twin of the
     held-out Obadiah): the neighbours change, so RETRO[ON] does; RETRO[OFF] reads no neighbours and does not."""

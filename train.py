@@ -370,7 +370,7 @@ def main(argv=None):
     sampling = cfg.sample is not None
     if sampling or cfg.eval_only:                     # a trained model: its shapes come from its checkpoint
         tc = (ckpt := load_checkpoint(ckpt_path))["train_config"]
-        cfg = replace(cfg, **{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours")})
+        cfg = replace(cfg, **{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours", "batch_size")})
     # ---- the machine: torchrun or not, device, precision ----
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
