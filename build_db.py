@@ -786,10 +786,20 @@ class Retriever:
 
         Threads (a server's) search one at a time, since one search uses every core; but the one that runs answers
         every query that arrived while it waited, with one embedding call and one search: concurrent queries of
-        a chunk each cost little more than one."""
+        a chunk each cost little more than one. Each query is checked first, so a bad one fails alone."""
+        k, n, V = self.k if k is None else k, self.index.ntotal, self.meta["vocab_size"]
+        if not (isinstance(k, (int, np.integer)) and 1 <= k <= n):
+            raise ValueError(f"k must be an integer from 1 to {n} (the chunks in the database), not {k!r}")
         if texts is None:
+            chunks = chunks.cpu().numpy() if torch.is_tensor(chunks) else np.asarray(chunks)
+            if not (chunks.ndim == 2 and chunks.shape[1] == self.M and np.issubdtype(chunks.dtype, np.integer)
+                    and (chunks.size == 0 or 0 <= chunks.min() and chunks.max() < V)):
+                raise ValueError(f"chunks {chunks.shape} of {chunks.dtype}: expected (B, {self.M}) token ids "
+                                 f"in 0..{V - 1}")
             texts = self.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True)
-        mine = dict(texts=list(texts), k=k or self.k)
+        elif isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be a list of strings (one per query)")
+        mine = dict(texts=list(texts), k=int(k))
         with self.waiting_lock:
             self.waiting.append(mine)
         with self.lock:
@@ -856,7 +866,7 @@ class RemoteRetriever(Retriever):
 
     def query(self, chunks=None, texts=None, k: int = None) -> dict:
         body = {"chunks": chunks.tolist()} if texts is None else {"texts": list(texts)}
-        r = self.request("/neighbours", {**body, **({"k": k} if k else {})})
+        r = self.request("/neighbours", {**body, **({"k": k} if k is not None else {})})
         return dict(ids=np.array(r["ids"]), distances=np.array(r["distances"], dtype=np.float32),
                     neighbours=np.array(r["neighbours"], dtype=np.int64))
 

@@ -79,7 +79,9 @@ class RetroConfig:
 
     def __post_init__(self):
         self.cca_layers, self.enc_cross_layers = tuple(self.cca_layers), tuple(self.enc_cross_layers)
-        assert self.n_embd % self.n_head == 0 and self.enc_n_embd % self.enc_n_head == 0, "width % heads != 0"
+        assert min(self.vocab_size, self.chunk_len, self.n_layer) >= 1, "vocab_size, chunk_len, n_layer must be >= 1"
+        for w, h in ((self.n_embd, self.n_head), (self.enc_n_embd, self.enc_n_head)):   # rotary rotates pairs
+            assert w % h == 0 and w // h % 2 == 0, f"width {w} / heads {h} must be an even head dimension"
         assert all(0 <= p < self.n_layer for p in self.cca_layers), \
             f"cca_layers {self.cca_layers} not in [0, {self.n_layer})"
         assert all(0 <= p < self.enc_n_layer for p in self.enc_cross_layers), "enc_cross_layers out of range"
@@ -452,14 +454,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, rows: int = 256):
         # x (N, C), weight (V, C), targets (N,) with -1 = ignore
         acc = torch.promote_types(weight.dtype, torch.float32)     # fp32 sums, or fp64 when testing in fp64
-        n = (targets >= 0).sum().clamp(min=1)
+        n = (targets != -1).sum().clamp(min=1)
         need_grad = any(ctx.needs_input_grad[:2])
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
         loss = torch.zeros((), dtype=acc, device=x.device)
         for i in range(0, x.size(0), rows):
             xi, ti = x[i:i + rows], targets[i:i + rows]
-            valid, t = ti >= 0, ti.clamp(min=0).unsqueeze(1)
+            valid = ti != -1
+            t = ti.masked_fill(~valid, 0).unsqueeze(1)                         # another negative id: an error
             logits = (xi @ weight.t()).to(acc)                                  # (rows, V)
             target_logit = logits.gather(1, t)                                  # (rows, 1)
             top = logits.amax(dim=-1, keepdim=True)
@@ -543,24 +546,29 @@ class RETRO(nn.Module):
         Returns (logits, loss). Without targets: logits (B, T, vocab_size) and None. With targets: None and
         the mean cross-entropy, computed a block of rows at a time so that the (B, T, V) logits never exist
         (ChunkedCrossEntropy); return_logits=True gets both, through the plain, memory-hungry path."""
+        assert targets is None or targets.shape == idx.shape, \
+            f"targets {tuple(targets.shape)} must have idx's shape {tuple(idx.shape)}"
         x = self.hidden(idx, neighbours)                                        # (B, T, C)
         if targets is not None and not return_logits:
             return None, ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         logits = self.lm_head(x)                                                # (B, T, V)
         loss = None
         if targets is not None:
-            acc = torch.promote_types(logits.dtype, torch.float32)
-            loss = F.cross_entropy(logits.flatten(0, 1).to(acc), targets.flatten(), ignore_index=-1)
+            acc, t = torch.promote_types(logits.dtype, torch.float32), targets.flatten().long()
+            loss = F.cross_entropy(logits.flatten(0, 1).to(acc), t, ignore_index=-1, reduction="sum") / (
+                t != -1).sum().clamp(min=1)                             # as ChunkedCrossEntropy: 0 if all ignored
         return logits, loss
 
     def hidden(self, idx, neighbours=None, cache: Cache = None):
         """Algorithm 1 up to READ: the final hidden states (B, T, C). With a cache, idx holds the tokens at
         positions cache.pos.. and neighbours those of every chunk completed so far."""
         cfg, M = self.config, self.config.chunk_len
+        assert idx.dim() == 2 and idx.numel() > 0, f"idx {tuple(idx.shape)}: expected (B, T) token ids, B, T > 0"
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
         L = (start + T) // M                                    # complete chunks so far
-        assert start == 0 or T == 1, "with a cache, feed the prompt once, then one token at a time"
+        assert cache is None or (start == 0 or T == 1) and start + T <= cache.max_len, \
+            f"with a cache of {cache.max_len} positions, feed the prompt once, then one token at a time"
         retrieval = neighbours is not None and neighbours.size(2) > 0 and len(cfg.cca_layers) > 0
         if neighbours is not None:
             assert neighbours.dim() == 4 and neighbours.shape[:2] == (B, L) and neighbours.size(3) == 2 * M, \
@@ -617,11 +625,13 @@ class RETRO(nn.Module):
         every token, as the other public RETRO implementations do; it exists to check and time the cache."""
         M = self.config.chunk_len
         B, T0 = idx.shape
+        assert max_new_tokens >= 0 and temperature >= 0 and (top_k is None or top_k >= 1), \
+            f"max_new_tokens {max_new_tokens}, temperature {temperature} must be >= 0; top_k {top_k} >= 1 or None"
 
         def neighbours_of(u):                                                   # (B, 1, K, R)
             nb = retrieve(idx[:, u * M:(u + 1) * M])
-            assert nb.dim() == 3 and nb.size(0) == B and nb.size(2) == 2 * M, \
-                f"retrieve returned {tuple(nb.shape)}, expected (B={B}, K, R={2 * M})"
+            assert torch.is_tensor(nb) and nb.dim() == 3 and nb.size(0) == B and nb.size(2) == 2 * M, \
+                f"retrieve returned {getattr(nb, 'shape', type(nb))}, expected a tensor (B={B}, K, R={2 * M})"
             return nb.unsqueeze(1)
         found = [neighbours_of(u) for u in range(T0 // M)] if retrieve else []
         neighbours = torch.cat(found, 1) if found else None                     # (B, L, K, R)
@@ -638,7 +648,7 @@ class RETRO(nn.Module):
             if top_k == 1 or temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)                            # (B, 1)
             else:
-                logits = logits.float() / temperature
+                logits = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature  # a tiny one too
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -661,7 +671,8 @@ class RETRO(nn.Module):
             p.requires_grad = retrieval if is_retrieval else decoder
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), device_type="cpu"):
-        """AdamW with weight decay on matrices only (paper: 0.1, appendix C.1); norms' gains are not decayed."""
+        """AdamW with weight decay on every 2-D parameter (paper: 0.1, appendix C.1): the matrices, the embedding and
+        CCA's position-bias table; norms' gains are not decayed."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]

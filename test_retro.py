@@ -94,6 +94,27 @@ def test_chunked_loss_equals_cross_entropy_of_the_logits_with_the_same_gradients
     assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(g1, g2))
 
 
+def test_both_losses_agree_at_the_edges_and_bad_arguments_fail_naming_them(setup):
+    from retro import Cache
+    model, K = setup
+    idx, nb = data(model, K)
+    for targets in (torch.full_like(idx, -1), torch.randint(0, V, idx.shape).int()):  # all ignored; int32 ids
+        lean, plain = model(idx, nb, targets)[1], model(idx, nb, targets, return_logits=True)[1]
+        assert torch.allclose(lean, plain, atol=1e-12, rtol=0), (lean, plain)
+    for call, words in [(lambda: model(idx, nb, idx.t()), "targets"), (lambda: model(idx[:, :0]), "idx"),
+                        (lambda: model.generate(idx, 2, temperature=-1), "temperature"),
+                        (lambda: model.generate(idx, 2, top_k=0), "top_k"),
+                        (lambda: model.generate(idx, 2, retrieve=lambda chunk: None), "retrieve returned"),
+                        (lambda: RetroConfig(n_embd=18, n_head=2), "even head dimension")]:
+        with pytest.raises(AssertionError, match=words):
+            call()
+    cache = Cache(idx.size(1))
+    model.hidden(idx, nb, cache)
+    with pytest.raises(AssertionError, match="a cache of"):                 # full: not a silently wrong key
+        model.hidden(idx[:, :1], nb, cache)
+    assert torch.equal(model.generate(idx, 3, temperature=1e-45), model.generate(idx, 3, top_k=1))
+
+
 def test_chunked_loss_under_autocast_matches_the_plain_loss_under_autocast():
     """Under autocast (bf16 on CUDA in train.py; here on the CPU) the lean loss takes its products in bf16, as
     autograd's would, and still gives the plain loss and gradients, to bf16's precision."""
@@ -1433,6 +1454,26 @@ def test_concurrent_queries_share_embedding_calls_and_each_gets_its_own_answer_o
         for f in futures:
             with pytest.raises(RuntimeError, match="the embedder broke"):
                 f.result(timeout=60)
+
+
+def test_a_bad_query_fails_alone_with_what_is_wrong(grown_db):
+    """Queries are checked before they join a batch: a bad one raises in its own thread only, and says why."""
+    retriever = build_db.Retriever(grown_db.out, device="cpu")
+    chunks = load(grown_db, "val_tokens").reshape(-1, DB_M)[:4].astype(np.int64)
+    V, n = retriever.meta["vocab_size"], retriever.index.ntotal
+    for kw, words in [(dict(chunks=chunks, k=0), "k must be"), (dict(chunks=chunks, k=n + 1), "k must be"),
+                      (dict(chunks=chunks, k=-1), "k must be"), (dict(chunks=chunks[:, 1:]), "expected"),
+                      (dict(chunks=chunks + V), "token ids in"), (dict(texts="one string"), "list of strings"),
+                      (dict(texts=[None]), "list of strings")]:
+        with pytest.raises(ValueError, match=words):
+            retriever.query(**kw)
+    alone = retriever.query(chunks)["ids"]
+    with ThreadPoolExecutor(5) as pool:
+        good = [pool.submit(retriever.query, chunks) for _ in range(4)]
+        bad = pool.submit(retriever.query, texts=[None])
+        assert all(np.array_equal(f.result(timeout=60)["ids"], alone) for f in good)
+        with pytest.raises(ValueError):
+            bad.result(timeout=60)
 
 
 def test_a_server_whose_database_does_not_fit_the_model_is_refused_in_one_line(trained, tmp_path, capsys):
