@@ -865,10 +865,15 @@ class RemoteRetriever(Retriever):
         return answer if path == "/tokenizer.json" else json.loads(answer)
 
     def query(self, chunks=None, texts=None, k: int = None) -> dict:
-        body = {"chunks": chunks.tolist()} if texts is None else {"texts": list(texts)}
-        r = self.request("/neighbours", {**body, **({"k": k} if k is not None else {})})
-        return dict(ids=np.array(r["ids"]), distances=np.array(r["distances"], dtype=np.float32),
-                    neighbours=np.array(r["neighbours"], dtype=np.int64))
+        key, items = ("chunks", chunks.tolist()) if texts is None else ("texts", list(texts))
+        k, most = self.k if k is None else k, self.meta["server"]["max_chunks"]
+        out = dict(ids=np.zeros((0, k), np.int64), distances=np.zeros((0, k), np.float32),
+                   neighbours=np.zeros((0, k, 2 * self.M), np.int64))
+        for i in range(0, len(items), most):                    # as many requests as the server's limit needs
+            r = self.request("/neighbours", {key: items[i:i + most], "k": k})
+            out = {name: np.concatenate((a, np.array(r[name], a.dtype).reshape(-1, *a.shape[1:])))
+                   for name, a in out.items()}
+        return out
 
 
 def is_server(db) -> bool:

@@ -1456,6 +1456,16 @@ def test_concurrent_queries_share_embedding_calls_and_each_gets_its_own_answer_o
                 f.result(timeout=60)
 
 
+def test_remote_queries_of_any_size_equal_local_ones(served, grown_db):
+    url, local = served
+    remote = build_db.RemoteRetriever(url)
+    chunks = np.resize(load(grown_db, "val_tokens").reshape(-1, DB_M), (300, DB_M)).astype(np.int64)
+    assert len(chunks) > remote.meta["server"]["max_chunks"]               # more than one request holds
+    for batch in (chunks, chunks[:0]):
+        a, b = remote.query(batch), local.query(batch)
+        assert all(a[n].shape == b[n].shape and np.array_equal(a[n], b[n]) for n in ("ids", "neighbours"))
+
+
 def test_a_bad_query_fails_alone_with_what_is_wrong(grown_db):
     """Queries are checked before they join a batch: a bad one raises in its own thread only, and says why."""
     retriever = build_db.Retriever(grown_db.out, device="cpu")
