@@ -106,6 +106,8 @@ def cli(config_class, description, argv=None):
             kind = (lambda s: tuple(int(v) for v in s.split(",") if v.strip())) if f.type is tuple else f.type
             p.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name, " "))
     args = vars(p.parse_args(argv))
+    if bad := [f"--{k}" for k, v in args.items() if isinstance(v, str) and not is_unicode(v)]:
+        p.error(f"{', '.join(bad)}: not valid UTF-8 (check the terminal's or the script's encoding)")
     positional = args.pop(first.name + "_pos")
     if positional is not None:
         args[first.name] = positional
@@ -218,12 +220,18 @@ def warn_verbatim(name, source_docs: list, splits: dict):
     lines = np.unique(np.fromiter((hash(ln) for d in source_docs for ln in d.splitlines()), np.int64))
     text = "\0".join(source_docs)
     for split, docs in splits.items():
+        found = []
         for i, d in enumerate(docs):
             h = np.fromiter((hash(ln) for ln in d.splitlines() if ln.strip()), np.int64)
             if len(h) and (lines[np.minimum(np.searchsorted(lines, h), len(lines) - 1)] == h).all() \
                     and d.strip() in text:
-                print(f'warning: {name} contains {split} document {i} ("{" ".join(d.split())[:40]}...") verbatim: '
-                      "the model could copy its own target", file=sys.stderr)
+                found.append(i)
+        if found:                                   # one line per split, however many documents
+            which = f"{split} document {found[0]}" if len(found) == 1 else (
+                f"{len(found)} {split} documents ({', '.join(map(str, found[:5]))}{', ...' if len(found) > 5 else ''}; "
+                f"the first:")
+            print(f'warning: {name} contains {which} ("{" ".join(docs[found[0]].split())[:40]}...") verbatim: '
+                  "the model could copy its own target", file=sys.stderr)
 
 
 # ---- step 2: the language model's tokenizer, and token streams cut in chunks ------------------------------
@@ -583,7 +591,12 @@ def build(cfg: DBConfig) -> dict:
             raise DBError(msg)
     with together("reading the texts"):     # before process 0 writes anything
         docs = read_documents(cfg.text)
-        sources = {p: read_documents(p) for p in dict.fromkeys(p.strip() for p in cfg.retrieval_texts.split(",")) if p}
+        sources = {}
+        for p in dict.fromkeys(p.strip() for p in cfg.retrieval_texts.split(",") if p.strip()):
+            if (d := read_documents(p)) in sources.values():                 # the same text under another name
+                print0(f"{p} holds the same documents as another of --retrieval_texts: indexed once")
+            else:
+                sources[p] = d
         given, given_hash = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else (None, None)
         old = load_meta(out) if (out / "meta.json").exists() else {}
     digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()
@@ -667,9 +680,15 @@ def add_text(cfg: DBConfig) -> dict:
     with together("reading the database and the text"):
         out, meta = Path(cfg.out), load_meta(cfg.out)
         docs, tok = read_documents(cfg.add), Tokenizer.from_file(str(out / "tokenizer.json"))
+    c, r = meta["corpus"], meta["retrieval"]
+    for flag, built in (("chunk_len", c["chunk_len"]), ("k", r["k"]), ("seq_len", r["seq_len"]),
+                        ("vocab_size", meta["vocab_size"]), ("bert", c["bert"]), ("pooling", c["pooling"])):
+        if getattr(cfg, flag) not in (getattr(DBConfig, flag), built):     # given, and not what the database has
+            raise DBError(f"--add grows {out} as it was built, with {flag} {built}: --{flag} {getattr(cfg, flag)} "
+                          f"cannot apply (build a new database for it)")
     if RANK == 0:
         clean(out, meta, sources=False)        # an interrupted add's files; its embedded text is reused below
-    key, c = source_key(docs, meta["tokenizer_sha256"], meta["corpus"]), meta["corpus"]
+    key = source_key(docs, meta["tokenizer_sha256"], c)
     if key in {s["key"] for s in meta.get("sources", [])}:
         print0(f"{out} already holds {cfg.add}")
         return meta
@@ -797,8 +816,8 @@ class Retriever:
                 raise ValueError(f"chunks {chunks.shape} of {chunks.dtype}: expected (B, {self.M}) token ids "
                                  f"in 0..{V - 1}")
             texts = self.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True)
-        elif isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise ValueError("texts must be a list of strings (one per query)")
+        elif isinstance(texts, str) or not all(isinstance(t, str) and is_unicode(t) for t in texts):
+            raise ValueError("texts must be a list of strings of valid Unicode (one per query)")
         mine = dict(texts=list(texts), k=int(k))
         with self.waiting_lock:
             self.waiting.append(mine)
@@ -891,6 +910,15 @@ def connect(db, device: str = "auto") -> Retriever:
 MAX_BODY, MAX_CHUNKS = 1 << 20, 256     # bytes per request body, chunks (or texts) per request
 
 
+def is_unicode(text: str) -> bool:
+    """Can text be encoded (no lone surrogates, as JSON's "\\ud800" or undecodable command-line bytes give)?"""
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 class BadRequest(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
@@ -902,7 +930,7 @@ def parse_query(body: bytes, meta: dict) -> dict:
     M, V, K = meta["corpus"]["chunk_len"], meta["vocab_size"], meta["retrieval"]["k"]
     try:
         q = json.loads(body)
-    except ValueError as e:             # UnicodeDecodeError is one
+    except (ValueError, RecursionError) as e:   # UnicodeDecodeError is a ValueError; RecursionError: deep nesting
         raise BadRequest(400, f"the body is not JSON: {e}") from None
     if not isinstance(q, dict) or ("chunks" in q) == ("texts" in q) or set(q) - {"chunks", "texts", "k"}:
         raise BadRequest(400, 'the body must be a JSON object with "chunks" (lists of token ids) or "texts" '
@@ -915,8 +943,8 @@ def parse_query(body: bytes, meta: dict) -> dict:
     if not isinstance(items, list) or not items or len(items) > MAX_CHUNKS:
         raise BadRequest(400, f'"{name}" must be a list of 1 to {MAX_CHUNKS} {name}')
     if name == "texts":
-        if not all(isinstance(t, str) for t in items):
-            raise BadRequest(400, '"texts" must hold strings')
+        if not all(isinstance(t, str) and is_unicode(t) for t in items):
+            raise BadRequest(400, '"texts" must hold strings of valid Unicode (no lone surrogates)')
         return dict(texts=items, k=k)
     for i, c in enumerate(items):
         if not isinstance(c, list) or len(c) != M or not all(type(t) is int for t in c):
@@ -967,10 +995,21 @@ def make_server(db, host: str = "127.0.0.1", port: int = 8000, device: str = "au
                     self.close_connection = True
                     raise BadRequest(413, f"the body has {int(size):,} bytes, more than {MAX_BODY:,}: send fewer "
                                           f"chunks per request")
-                r = retriever.query(**parse_query(self.rfile.read(int(size)), meta))
+                try:
+                    body = self.rfile.read(int(size))
+                except TimeoutError:
+                    self.close_connection = True
+                    raise BadRequest(408, f"the body's {size} bytes did not arrive within {self.timeout} s") from None
+                r = retriever.query(**parse_query(body, meta))
                 self.answer(200, {name: v.tolist() for name, v in r.items()})
             except BadRequest as e:
                 self.answer(e.code, {"error": str(e)})
+            except Exception as e:                      # a bug, not the request's fault: say so, and serve on
+                self.answer(500, {"error": f"{type(e).__name__}: {e}"})
+
+        def send_error(self, code, message=None, explain=None):  # http.server's own errors (501, a bad request
+            self.close_connection = True                         # line) in JSON too
+            self.answer(code, {"error": message or str(code)})
 
         def log_request(self, code="-", size="-"):      # errors only: a generator sends one request per chunk
             if str(code)[0] != "2":

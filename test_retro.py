@@ -768,6 +768,25 @@ def test_input_forms_folder_jsonl_and_separated_text(tmp_path):
     assert build_db.split_documents(["a", "b", "c"], 10) == (["a", "b"], ["c"])
 
 
+def test_text_that_is_not_utf8_on_the_command_line_is_one_clear_error(multi_db, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_db.main(["--show", "And\udcff", "--out", multi_db.out])      # how Python passes a byte 0xff
+    assert e.value.code == 2 and "--show: not valid UTF-8" in capsys.readouterr().err
+
+
+def test_the_same_retrieval_text_twice_is_indexed_once_and_verbatim_copies_warn_in_one_line(tmp_path, capsys):
+    """The training text itself as a retrieval-only text, under two spellings of its path."""
+    text = tmp_path / "dup.txt"
+    cfg = small_db(tmp_path, "dup", bible_books(30, 56, 63), retrieval_texts=f"{text},{tmp_path}/./dup.txt")
+    assert len(build_db.load_meta(cfg.out)["sources"]) == 1
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert "indexed once" in out and len(warnings) == 2, warnings          # one per split, not one per document
+    assert "contains 2 training documents (0, 1; the first:" in warnings[0]
+    with pytest.raises(build_db.DBError, match="--chunk_len 4 cannot apply"):  # --add grows it as it was built
+        build(DBConfig(add=str(text), out=cfg.out, chunk_len=4))
+
+
 def test_unusual_but_good_input_forms_read_as_their_plain_twins(tmp_path):
     docs = ["First document.\nTwo lines.\n", "Second: ünïcode.\n", "Third\n\nwith a blank line.\n"]
     write_corpus(tmp_path / "lf.txt", docs)
@@ -1139,6 +1158,9 @@ def test_bad_runs_fail_with_one_clear_line(trained, multi_db, tmp_path, capsys):
     for not_a_checkpoint in (tmp_path, Path(multi_db.text)):
         assert "is not a checkpoint" in train_error(capsys, *common, "--retrofit", str(not_a_checkpoint))
     assert "is a file" in train_error(capsys, "--data", multi_db.text, "--db", multi_db.text, *TINY_MODEL)
+    resume = [*common, "--out_dir", str(out), "--resume"]                  # the trained run is at step 40
+    assert "past --max_iters 10" in train_error(capsys, *resume, "--max_iters", "10")
+    assert "resume with --retrofit '' --n_neighbours 2" in train_error(capsys, *resume, "--n_neighbours", "0")
 
 
 def test_eval_only_repeats_the_evaluation_at_the_end_of_training(trained, multi_db):
@@ -1281,6 +1303,17 @@ def test_ddp_on_two_cpu_processes_trains(multi_db, tmp_path):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"] == 6
 
 
+def test_a_ddp_run_that_fails_says_why_once(multi_db, tmp_path):
+    """Process 0 fails building the database; process 1, waiting for it, leaves without a traceback of its own."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--data", multi_db.text, "--db", str(tmp_path / "db"), "--retrieval_texts", str(tmp_path / "no.txt"),
+           "--out_dir", str(tmp_path), *TINY_MODEL]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and r.stderr.count("train.py: error:") == 1 and "no such file" in r.stderr, r.stderr
+    assert "[rank1]" not in r.stderr, r.stderr[-2000:]
+
+
 # ---- Part 4: the retrieval server, neighbours you choose, a look inside -----------------------------------
 
 import http.client                                                      # noqa: E402
@@ -1378,6 +1411,8 @@ BAD_REQUESTS = [   # (body, path, status, words in the error)
     ({"chunks": [[512] * DB_M]}, "/neighbours", 400, "outside 0..511"),
     ({"chunks": [[-1] * DB_M]}, "/neighbours", 400, "outside 0..511"),
     ({"texts": [3]}, "/neighbours", 400, "strings"),
+    (b'{"texts": ["\\ud800"]}', "/neighbours", 400, "valid Unicode"),        # a lone surrogate: not encodable
+    (b"[" * 100_000 + b"]" * 100_000, "/neighbours", 400, "not JSON"),       # nested past Python's recursion limit
     ({"texts": ["a"], "k": 3}, "/neighbours", 400, '"k" must be an integer from 1 to 2'),
     (b"x" * (build_db.MAX_BODY + 1), "/neighbours", 413, "more than"),
     ({"texts": ["a"]}, "/search", 404, "POST /neighbours"),
@@ -1406,6 +1441,22 @@ def test_a_request_without_a_length_is_refused_and_nothing_outside_the_database_
     for path in ("/../meta.json", "/meta.json", "/%2e%2e/text.txt", "/train_tokens.npy"):
         code, answer = post(url, None, path)
         assert code == 404, path
+
+
+def test_a_slow_body_or_another_method_gets_a_json_error(grown_db):
+    server = build_db.make_server(grown_db.out, "127.0.0.1", 0, "cpu")
+    server.RequestHandlerClass.timeout = 1                              # seconds a client may take; 60 by default
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for raw, status in [(b"POST /neighbours HTTP/1.0\r\nContent-Length: 100\r\n\r\n{}", b"408"),
+                            (b"PUT /meta HTTP/1.0\r\n\r\n", b"501")]:
+            with socket.create_connection(server.server_address[:2], timeout=30) as s:
+                s.sendall(raw)
+                head, _, body = s.makefile("rb").read().partition(b"\r\n\r\n")
+            assert head.split()[1] == status and set(json.loads(body)) == {"error"}, head
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_server_under_concurrent_clients_answers_every_request_as_local_retrieval_does(served, grown_db):

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from build_db import (PAD, SEPARATOR, DBConfig, DBError, Retriever, build, cli, connect, current_file, db_dir,
-                      is_server, load_meta, resolve_device)
+                      is_server, is_unicode, load_meta, resolve_device)
 from retro import RETRO, RetroConfig
 
 
@@ -86,7 +86,7 @@ class TrainConfig:
 
 
 def fail(msg):
-    sys.exit(f"train.py: error: {msg}")
+    sys.exit(f"train.py: error: {msg}" if os.environ.get("RANK", "0") == "0" else 1)   # torchrun: rank 0 says it
 
 
 # ---- data: chunk-aligned sequences with their precomputed neighbours ---------------------------------------
@@ -320,8 +320,8 @@ def read_neighbours_file(path: str, K: int) -> list:
     except (OSError, ValueError) as e:
         fail(f"--neighbours_file {path}: {e}")
     for u, e in enumerate(entries if isinstance(entries, list) else [0]):
-        if not (e is None or isinstance(e, str) or isinstance(e, list) and len(e) == K
-                and all(isinstance(t, str) for t in e)):
+        if not (e is None or isinstance(e, str) and is_unicode(e) or isinstance(e, list) and len(e) == K
+                and all(isinstance(t, str) and is_unicode(t) for t in e)):
             fail(f"--neighbours_file {path}: entry {u} must be null, a string, or a list of {K} strings "
                  f"(the file is a JSON list with one entry per chunk)")
     return [[e] * K if isinstance(e, str) else e for e in entries]
@@ -351,6 +351,7 @@ def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, de
         if cfg.choose_neighbours:
             try:
                 typed = input("    Enter keeps them; or type the text every neighbour should hold (-: none): ").strip()
+                typed = typed.encode(errors="replace").decode()     # bytes that are not UTF-8 become "?"
             except EOFError:                       # the end of piped input: keep them, from here on
                 typed = ""
             if not sys.stdin.isatty():
@@ -411,7 +412,10 @@ def main(argv=None):
         elif master:
             db, meta = prepare_db(cfg, training=ckpt is None)
         if ddp:
-            torch.distributed.barrier()
+            try:
+                torch.distributed.barrier()
+            except RuntimeError:                      # rank 0 failed, and said why
+                sys.exit(1)
         if not master:
             db, meta = prepare_db(cfg, training=ckpt is None)
     except DBError as e:
@@ -428,7 +432,7 @@ def main(argv=None):
         if sampling:
             tok = retriever.tokenizer if remote else Tokenizer.from_file(str(db / "tokenizer.json"))
             text = generate(model, tok, retriever if cfg.n_neighbours else None, cfg.sample, cfg, device)
-            print(("--- sample:\n" if cfg.show_neighbours or cfg.choose_neighbours else "") + text)
+            print0(("--- sample:\n" if cfg.show_neighbours or cfg.choose_neighbours else "") + text)
             return text
         data = Data(db, meta, cfg)
         if remote:
@@ -438,8 +442,9 @@ def main(argv=None):
                f"documents: RETRO[ON] loss {r['on'][0]:.4f} bpb {r['on'][1]:.4f}, RETRO[OFF] loss {r['off'][0]:.4f} "
                f"bpb {r['off'][1]:.4f}")
         r["probe"] = report_probe(model, data, ctx, device, print0)
-        log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
-                 tc["block_size"], final=True, db=cfg.db if remote else str(db), probe=r["probe"])
+        if master:
+            log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
+                     tc["block_size"], final=True, db=cfg.db if remote else str(db), probe=r["probe"])
         return r
     data = Data(db, meta, cfg)
 
@@ -464,8 +469,15 @@ def main(argv=None):
         if ckpt["model_config"] != asdict(model.config):
             fail(f"{ckpt_path} was trained with another model config: pass its model flags, or another --out_dir")
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError:                            # other parameters were trained
+            tc = ckpt["train_config"]
+            fail(f"{ckpt_path} trained other parameters: resume with --retrofit {tc['retrofit']!r} --n_neighbours "
+                 f"{tc['n_neighbours']}, as it was trained")
         start = ckpt["iter"]
+        if start > cfg.max_iters:
+            fail(f"{ckpt_path} is at step {start}, past --max_iters {cfg.max_iters}: pass a larger --max_iters")
     raw_model = model                                 # uncompiled and unwrapped: what is saved and sampled
     flops_per_seq = training_flops(raw_model, data, device)
     peak, peak_source = peak_flops(cfg, device_type)
@@ -496,19 +508,21 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(cfg.seed + 1_000_003 * it + rank)   # dropout too replays exactly on --resume
+        step_loss = 0.0
         for micro in range(cfg.grad_accum):
             x, y, nb = (t.to(device) if t is not None else None for t in data.batch("train", it, micro, rank))
             sync = not ddp or micro == cfg.grad_accum - 1      # DDP: all-reduce on the last micro-step only
             with ctx, (nullcontext() if sync else model.no_sync()):
                 loss = model(x, nb, y)[1] / cfg.grad_accum
                 loss.backward()
+            step_loss += loss.detach()                         # the mean over micro-steps (rank 0's)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         log = (it + 1) % cfg.log_interval == 0 or it == start
         if log:
-            history["loss"][it + 1] = loss.item() * cfg.grad_accum     # .item() waits for the GPU: time is right
+            history["loss"][it + 1] = step_loss.item()                  # .item() waits for the GPU: time is right
         train_time += time.time() - t0
         if log:
             dt = train_time / (it + 1 - start)
