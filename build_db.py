@@ -932,9 +932,10 @@ def parse_query(body: bytes, meta: dict) -> dict:
         q = json.loads(body)
     except (ValueError, RecursionError) as e:   # UnicodeDecodeError is a ValueError; RecursionError: deep nesting
         raise BadRequest(400, f"the body is not JSON: {e}") from None
-    if not isinstance(q, dict) or ("chunks" in q) == ("texts" in q) or set(q) - {"chunks", "texts", "k"}:
+    unknown = sorted(set(q) - {"chunks", "texts", "k"}) if isinstance(q, dict) else []
+    if not isinstance(q, dict) or ("chunks" in q) == ("texts" in q) or unknown:
         raise BadRequest(400, 'the body must be a JSON object with "chunks" (lists of token ids) or "texts" '
-                              '(strings), and optionally "k"')
+                              '(strings), and optionally "k"' + (f", not {unknown}" if unknown else ""))
     k = q.get("k", K)
     if type(k) is not int or not 1 <= k <= K:
         raise BadRequest(400, f'"k" must be an integer from 1 to {K}, not {json.dumps(k)}')
@@ -1056,10 +1057,10 @@ def show(cfg: DBConfig):
     """Print what retrieval finds: for a text, each of its chunks' K nearest chunks (a database folder or a
     server's address); for train:N or val:N, the neighbours stored for that chunk of the stream."""
     db = cfg.out if is_server(cfg.out) else db_dir(cfg)
-    if m := re.fullmatch(r"(train|val):(\d+)", cfg.show.strip()):
+    if m := re.fullmatch(r"(train|val):\s*(-?\d+)", cfg.show.strip()):
         split, c = m[1], int(m[2])
         meta = load_meta(db)
-        if c >= meta[f"n_{split}_chunks"]:
+        if not 0 <= c < meta[f"n_{split}_chunks"]:
             raise DBError(f"{db} has {meta[f'n_{split}_chunks']:,} {split} chunks: pass {split}:0 to "
                           f"{split}:{meta[f'n_{split}_chunks'] - 1}")
         M, tok = meta["corpus"]["chunk_len"], Tokenizer.from_file(str(Path(db) / "tokenizer.json"))

@@ -1402,6 +1402,7 @@ BAD_REQUESTS = [   # (body, path, status, words in the error)
     (b"\xff\xfe", "/neighbours", 400, "not JSON"),
     ([[1] * DB_M], "/neighbours", 400, "JSON object"),
     ({"chunks": [[1] * DB_M], "texts": ["a"]}, "/neighbours", 400, "JSON object"),
+    ({"texts": ["a"], "top_k": 1}, "/neighbours", 400, "not ['top_k']"),
     ({"chunks": "ruth"}, "/neighbours", 400, "list of 1 to"),
     ({"chunks": []}, "/neighbours", 400, "list of 1 to"),
     ({"chunks": [[1] * DB_M] * (build_db.MAX_CHUNKS + 1)}, "/neighbours", 400, "list of 1 to"),
@@ -1573,6 +1574,9 @@ def test_a_neighbours_file_gives_each_chunk_the_neighbours_it_says(trained, mult
     assert tok.encode(shown_chosen[1][0]).ids == as_tokens(boaz) and shown_chosen[1][0] == shown_chosen[1][1]
     assert [tok.decode(as_tokens(t)) for t in entries[2]] == shown_chosen[2] == entries[2]     # padding not shown
     assert shown_chosen[3] == ["", ""] and chosen != retrieved
+    (tmp_path / "long.json").write_text(json.dumps(entries + [None] * 20))    # more entries than chunks: said
+    assert train.main(run + ["--neighbours_file", str(tmp_path / "long.json")]) == chosen
+    assert re.search(r"note: --neighbours_file has 24 entries; .* were not used", capsys.readouterr().err)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     model = RETRO(RetroConfig(**ckpt["model_config"])).eval()
     model.load_state_dict(ckpt["model"])
@@ -1629,6 +1633,7 @@ def test_the_look_inside_command_prints_a_chunks_stored_neighbours_and_a_texts_n
     text = tok.decode(load(multi_db, "train_tokens")[c * DB_M:(c + 1) * DB_M].tolist())
     build_db.main(["--show", text, "--out", multi_db.out])
     assert re.search(rf"neighbour 0: chunk {c} \(training text\), distance 0\.000", capsys.readouterr().out)
-    with pytest.raises(SystemExit) as e:
-        build_db.main(["--show", "val:100000", "--out", multi_db.out])
-    assert "val:0 to val:" in str(e.value.code) and "\n" not in str(e.value.code)
+    for bad in ("val:100000", "train:-1", "val: -2"):
+        with pytest.raises(SystemExit) as e:
+            build_db.main(["--show", bad, "--out", multi_db.out])
+        assert ":0 to " in str(e.value.code) and "\n" not in str(e.value.code), bad

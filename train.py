@@ -362,6 +362,9 @@ def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, de
     idx = torch.tensor([tok.encode(prompt).ids or [tok.token_to_id(SEPARATOR)]], device=device)  # "": a new document
     torch.manual_seed(cfg.seed)
     out = model.generate(idx, cfg.max_new_tokens, retrieve if retriever else None, cfg.temperature, cfg.top_k or None)
+    if len(chosen) > u + 1:
+        print(f"note: --neighbours_file has {len(chosen)} entries; the sample completed {u + 1} chunks, so the last "
+              f"{len(chosen) - u - 1} were not used", file=sys.stderr)
     return text(out[0])
 
 
