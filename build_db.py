@@ -186,8 +186,8 @@ def read_documents(text: str) -> list:
         docs = []
         for n, line in enumerate(read_utf8(path).splitlines(), 1):
             try:
-                docs.append(json.loads(line)["text"]) if line.strip() else None
-                assert isinstance(docs[-1], str)
+                docs += [json.loads(line)["text"]] if line.strip() else []
+                assert not docs or isinstance(docs[-1], str)
             except (ValueError, KeyError, TypeError, AssertionError):
                 raise DBError(f"{text} line {n}: expected a JSON object with a \"text\" string") from None
     else:

@@ -792,7 +792,7 @@ def test_unusual_but_good_input_forms_read_as_their_plain_twins(tmp_path):
     write_corpus(tmp_path / "lf.txt", docs)
     (tmp_path / "crlf.txt").write_bytes((tmp_path / "lf.txt").read_bytes().replace(b"\n", b"\r\n"))
     assert build_db.read_documents(str(tmp_path / "crlf.txt")) == docs      # Windows line ends: the same documents
-    (tmp_path / "UPPER.JSONL").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    (tmp_path / "UPPER.JSONL").write_text("\n\n" + "\n".join(json.dumps({"text": d}) for d in docs))  # blank lines too
     assert build_db.read_documents(str(tmp_path / "UPPER.JSONL")) == docs
     (tmp_path / "number.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": 123}))
     with pytest.raises(build_db.DBError, match="line 2: expected a JSON object"):
