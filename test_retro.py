@@ -1074,6 +1074,14 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(trained, mul
     assert resumed["val"][40]["on"][0] == pytest.approx(reference["val"][40]["on"][0], rel=1e-5)
 
 
+def test_sampling_without_data_or_db_uses_the_database_the_model_was_trained_with(trained, tmp_path, monkeypatch):
+    out, _ = trained
+    monkeypatch.chdir(tmp_path)                         # no text.txt here: the default text's database cannot be built
+    assert train.main(["--sample", "Ruth1:1", "--out_dir", str(out), "--device", "cpu"]).startswith("Ruth1:1")
+    assert set(train.main(["--eval_only", "--out_dir", str(out), "--device", "cpu"])) == {"on", "off", "probe"}
+    assert not (tmp_path / "data").exists()
+
+
 def test_sampling_from_the_checkpoint_shows_each_chunks_neighbours(trained, multi_db, capsys):
     out, _ = trained
     text = run_train(multi_db, out, "--sample", "Ruth1:1 Now it came to pass", "--show_neighbours")

@@ -375,6 +375,8 @@ def main(argv=None):
     if sampling or cfg.eval_only:                     # a trained model: its shapes come from its checkpoint
         tc = (ckpt := load_checkpoint(ckpt_path))["train_config"]
         cfg = replace(cfg, **{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours", "batch_size")})
+        if not cfg.db and cfg.data == TrainConfig.data:    # no --data or --db: the database it was trained with
+            cfg = replace(cfg, data=tc["data"], db=tc["db"])
     # ---- the machine: torchrun or not, device, precision ----
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),

@@ -61,7 +61,10 @@ def main():
 
     rng = np.random.default_rng(0)
     if args.calibrate:
-        meta = build_db.load_meta(args.db)
+        try:
+            meta = build_db.load_meta(args.db)
+        except build_db.DBError as e:
+            sys.exit(f"bench_index.py: {e} (--db: a database folder, e.g. data/text)")
         real = build_db.load_streams(args.db, meta, "emb")[np.arange(meta["n_chunks"])].astype(np.float32)
         for name, e in (("real", real), ("synthetic", synthetic(len(real), real.shape[1], args.intrinsic, rng))):
             queries = e[np.sort(rng.choice(len(e), 1000, replace=False))]
@@ -98,7 +101,7 @@ def main():
         setattr(build_db, name, wrapper)
     peak_rss_gib(reset=True)
     t = time.perf_counter()
-    index, why = build_db.build_index(emb, 100_000, queries, m)
+    index, why = build_db.build_index(emb, 0, queries, m)           # IVF at any --n, as a build above 100,000
     total = time.perf_counter() - t
     steps["train (k-means)"] = total - timed["add"][0] - timed["tune_nprobe"][0], None
     steps["add"], steps["tune nprobe"] = timed["add"], timed["tune_nprobe"]
