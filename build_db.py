@@ -89,6 +89,15 @@ class DBError(Exception):
     """Bad input or a database that does not fit: the message says what is wrong and what to do."""
 
 
+def is_unicode(text: str) -> bool:
+    """Can text be encoded (no lone surrogates, as JSON's "\\ud800" or undecodable command-line bytes give)?"""
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def cli(config_class, description, argv=None):
     """A command line generated from a dataclass: every field is a --flag, with its default and its comment
     as help; the first field may also be given as a positional argument."""
@@ -910,15 +919,6 @@ def connect(db, device: str = "auto") -> Retriever:
 MAX_BODY, MAX_CHUNKS = 1 << 20, 256     # bytes per request body, chunks (or texts) per request
 
 
-def is_unicode(text: str) -> bool:
-    """Can text be encoded (no lone surrogates, as JSON's "\\ud800" or undecodable command-line bytes give)?"""
-    try:
-        text.encode()
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 class BadRequest(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
@@ -943,9 +943,7 @@ def parse_query(body: bytes, meta: dict) -> dict:
     items = q[name]
     if not isinstance(items, list) or not items or len(items) > MAX_CHUNKS:
         raise BadRequest(400, f'"{name}" must be a list of 1 to {MAX_CHUNKS} {name}')
-    if name == "texts":
-        if not all(isinstance(t, str) and is_unicode(t) for t in items):
-            raise BadRequest(400, '"texts" must hold strings of valid Unicode (no lone surrogates)')
+    if name == "texts":                 # Retriever.query checks them, as it does for every caller
         return dict(texts=items, k=k)
     for i, c in enumerate(items):
         if not isinstance(c, list) or len(c) != M or not all(type(t) is int for t in c):
@@ -1003,8 +1001,8 @@ def make_server(db, host: str = "127.0.0.1", port: int = 8000, device: str = "au
                     raise BadRequest(408, f"the body's {size} bytes did not arrive within {self.timeout} s") from None
                 r = retriever.query(**parse_query(body, meta))
                 self.answer(200, {name: v.tolist() for name, v in r.items()})
-            except BadRequest as e:
-                self.answer(e.code, {"error": str(e)})
+            except (BadRequest, ValueError) as e:      # ValueError: Retriever.query refused its arguments
+                self.answer(getattr(e, "code", 400), {"error": str(e)})
             except Exception as e:                      # a bug, not the request's fault: say so, and serve on
                 self.answer(500, {"error": f"{type(e).__name__}: {e}"})
 

@@ -648,7 +648,8 @@ class RETRO(nn.Module):
             if top_k == 1 or temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)                            # (B, 1)
             else:
-                logits = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature  # a tiny one too
+                logits = logits.float()
+                logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # max first: a tiny T gives 0, -inf
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
