@@ -29,8 +29,8 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from build_db import (PAD, SEPARATOR, DBConfig, DBError, Retriever, build, cli, connect, current_file, db_dir,
-                      is_server, is_unicode, load_meta, resolve_device)
+from build_db import (PAD, SEPARATOR, DBConfig, DBError, Retriever, autocast, build, cli, connect, current_file,
+                      db_dir, is_server, is_unicode, load_meta, outlook, overlap, resolve_device, resolve_dtype, where)
 from retro import RETRO, RetroConfig
 
 
@@ -38,7 +38,8 @@ from retro import RETRO, RetroConfig
 class TrainConfig:
     data: str = "text.txt"          # text to train on (a file, a folder of .txt files, or .jsonl)
     db: str = ""                    # retrieval database, used as it is if it exists; empty: data/<name of the text>
-    retrieval_texts: str = ""       # if the database is built: comma-separated texts to retrieve from, not train on
+    retrieval_texts: str = "auto"   # if the database is built: comma-separated texts to retrieve from, not train on;
+                                    # auto: bench/texts/web.txt with the default text.txt, none with others
     out_dir: str = "out"            # where ckpt.pt goes
     # model (RetroConfig; the vocabulary comes from the database's tokenizer)
     block_size: int = 512           # tokens per training sequence (paper: 2048)
@@ -73,6 +74,7 @@ class TrainConfig:
     eval_only: bool = False         # evaluate out_dir/ckpt.pt on the database's whole validation set, no training
     seed: int = 1337
     device: str = "auto"            # auto: cuda, then mps, then cpu
+    dtype: str = "auto"             # auto: bf16 autocast on CUDA and CPUs with AMX, else fp32; float32; bfloat16
     compile: bool = False           # torch.compile the model
     peak_tflops: float = 0.0        # for MFU; 0: an H100's bf16 dense peak on CUDA, a measured matmul on CPU
     # sampling
@@ -188,11 +190,20 @@ def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu"):
     return {mode: v / n for mode, v in total.items()}
 
 
-def report_probe(model, data, ctx, device, print0, n_batches=16):
-    p = retrieval_probe(model, data, n_batches, ctx, device)
-    print0(f"does it read its neighbours? held-out loss where they are visible, {n_batches} batches: "
-           + ", ".join(f"{k} {v:.4f}" for k, v in p.items()) + " (oracle: the true continuation as neighbour)")
-    return p
+def report(r: dict, probe: dict, meta: dict, print0):
+    """The end of a run, in words: held-out bits per byte with the retrieved neighbours and with them withheld
+    (the same weights), and what the oracle check says about whether the model reads them."""
+    (on, off), n = (r["on"][1], r["off"][1]), meta["n_val_documents"]
+    print0(f"held-out text: {n} document{'s' * (n > 1)} never trained on ({meta['n_val_tokens']:,} tokens)")
+    if probe is None:
+        print0(f"  bits per byte (no retrieval)                                    {on:.4f}")
+        return
+    print0(f"  bits per byte with the retrieved neighbours (RETRO[ON])         {on:.4f}")
+    print0(f"  bits per byte, neighbours withheld, same weights (RETRO[OFF])   {off:.4f}   ON is {on / off - 1:+.1%}")
+    fall = 1 - probe["oracle"] / probe["none"]
+    verdict = ("the model reads its neighbours" if fall >= 0.1 else "it reads them a little" if fall >= 0.02
+               else "it hardly reads its neighbours")
+    print0(f"  oracle check: given the true continuation as its neighbour, the loss falls by {fall:.0%}: {verdict}")
 
 
 # ---- the schedule and the machine -----------------------------------------------------------------------
@@ -205,19 +216,19 @@ def get_lr(cfg: TrainConfig, it: int) -> float:
     return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def peak_flops(cfg: TrainConfig, device_type: str) -> tuple:
+def peak_flops(cfg: TrainConfig, device_type: str, dtype: torch.dtype) -> tuple:
     """The FLOP/s that MFU is measured against, and how it was obtained."""
     if cfg.peak_tflops:
         return cfg.peak_tflops * 1e12, "--peak_tflops"
     if device_type == "cuda":
         return 989e12, "H100 bf16 dense peak"
-    a = torch.randn(1024, 1024)
+    a = torch.randn(1024, 1024, dtype=dtype)
     a @ a
     t, n = time.perf_counter(), 0
     while time.perf_counter() - t < 0.5:
         a @ a
         n += 1
-    return 2 * 1024 ** 3 * n / (time.perf_counter() - t), "fp32 1024x1024 matmul measured here"
+    return 2 * 1024 ** 3 * n / (time.perf_counter() - t), f"{str(dtype)[6:]} 1024x1024 matmul measured here"
 
 
 def training_flops(model, data, device) -> float:
@@ -234,12 +245,24 @@ def training_flops(model, data, device) -> float:
 
 # ---- database and checkpoints ---------------------------------------------------------------------------
 
+def trained_with(cfg: TrainConfig, tc: dict) -> TrainConfig:
+    """cfg with the database of a checkpoint's train_config tc, as it is now (it may have grown since)."""
+    texts = tc.get("retrieval_texts", "")
+    return replace(cfg, data=tc["data"], db=tc["db"], retrieval_texts="" if texts == "none" else texts)
+
+
+def db_config(cfg: TrainConfig) -> DBConfig:
+    """The database that training with cfg reads, and builds if it is missing."""
+    return DBConfig(text=cfg.data, out=cfg.db, chunk_len=cfg.chunk_len, k=max(cfg.n_neighbours, 2),
+                    seq_len=cfg.block_size, vocab_size=cfg.vocab_size, retrieval_texts=cfg.retrieval_texts,
+                    dtype=cfg.dtype)
+
+
 def prepare_db(cfg: TrainConfig, training: bool = True) -> tuple:
     """An existing --db as it is (it may hold retrieval-only texts, or have grown); else the database of
     cfg.data, built if missing, rebuilt if the text changed, with the settings it was built with (embedder,
     tokenizer size, retrieval-only texts). Training refuses one built for other shapes."""
-    want = DBConfig(text=cfg.data, out=cfg.db, chunk_len=cfg.chunk_len, k=max(cfg.n_neighbours, 2),
-                    seq_len=cfg.block_size, vocab_size=cfg.vocab_size, retrieval_texts=cfg.retrieval_texts)
+    want = db_config(cfg)
     db = db_dir(want)
     if (db / "meta.json").exists():
         c, r = (meta := load_meta(db))["corpus"], meta["retrieval"]
@@ -253,7 +276,8 @@ def prepare_db(cfg: TrainConfig, training: bool = True) -> tuple:
         want.vocab_size, want.bert, want.pooling = c["vocab_size"], c["bert"], c["pooling"]
         want.val_every, want.exclude_own_document = c["val_every"], r.get("exclude_own_document", False)
         want.k, want.seq_len, want.exact_below = r["k"], r["seq_len"], r["exact_below"]
-        want.retrieval_texts = cfg.retrieval_texts or ",".join(s["text"] for s in meta.get("sources", []))
+        if cfg.retrieval_texts in ("", "auto"):      # the texts it holds (it may have grown with --add)
+            want.retrieval_texts = ",".join(s["text"] for s in meta.get("sources", [])) or "none"
     return db, build(want)
 
 
@@ -288,7 +312,7 @@ def load_checkpoint(path: Path, meta: dict = None, db: Path = None, ckpt: dict =
         fail(f"{path} was trained with tokenizer {ckpt['tokenizer_sha256'][:8]} and chunk_len {mc['chunk_len']}; "
              f"{db} has tokenizer {meta['tokenizer_sha256'][:8]} and chunk_len {meta['corpus']['chunk_len']}: "
              f"pass a database with the model's tokenizer and chunk length (python build_db.py TEXT --tokenizer "
-             f"{db_dir(DBConfig(text=tc['data'], out=tc['db']))} --chunk_len {mc['chunk_len']}), or train again")
+             f"{db_dir(db_config(trained_with(TrainConfig(), tc)))} --chunk_len {mc['chunk_len']}), or train again")
     return ckpt
 
 
@@ -327,10 +351,11 @@ def read_neighbours_file(path: str, K: int) -> list:
     return [[e] * K if isinstance(e, str) else e for e in entries]
 
 
-def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, device: str) -> str:
+def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, device: str, reads: list = None) -> str:
     """Sample after prompt. Each time a chunk completes, its K neighbours come from the retriever (None: a model
     without retrieval), or from --neighbours_file, or from you (--choose_neighbours); --show_neighbours prints
-    them. A neighbour's text is tokenized and cut or padded to 2M tokens: N, then F."""
+    them. A neighbour's text is tokenized and cut or padded to 2M tokens: N, then F. reads, if given, gets
+    (chunk, database ids of its neighbours or None, their tokens (K, 2M)) for every chunk that retrieved."""
     if retriever is None and (cfg.neighbours_file or cfg.choose_neighbours):
         fail("this model was trained without retrieval (n_neighbours 0): it reads no neighbours")
     M, K, pad = model.config.chunk_len, cfg.n_neighbours, tok.token_to_id(PAD)
@@ -342,12 +367,18 @@ def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, de
     def retrieve(chunk):                           # (1, M) -> (1, K, 2M)
         nonlocal u
         u += 1
-        nb = as_neighbours(chosen[u]) if u < len(chosen) and chosen[u] is not None else retriever(chunk)[:, :K]
+        if u < len(chosen) and chosen[u] is not None:
+            nb, ids = as_neighbours(chosen[u]), None
+        else:
+            found = retriever.query(chunk.cpu(), k=K)
+            nb, ids = torch.as_tensor(np.asarray(found["neighbours"], dtype=np.int64)), found["ids"][0]
         if cfg.show_neighbours or cfg.choose_neighbours:
             print(f"--- chunk {u}: {text(chunk[0])!r}")
             for j in range(K):
                 n, f = (t[t != pad] for t in (nb[0, j, :M], nb[0, j, M:]))      # padding not shown
                 print(f"    neighbour {j}: {text(n)!r}\n      continues: {text(f)!r}")
+        if reads is not None:
+            reads.append((chunk[0].cpu(), ids, nb[0]))
         if cfg.choose_neighbours:
             try:
                 typed = input("    Enter keeps them; or type the text every neighbour should hold (-: none): ").strip()
@@ -368,6 +399,23 @@ def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, de
     return text(out[0])
 
 
+def sample_held_out(model, data, retriever, cfg: TrainConfig, device: str, print0):
+    """The end of a run: a sample that starts with a held-out document's first words, and the database chunk
+    each completed chunk retrieved (its nearest neighbour, abridged), which the tokens after it read."""
+    tok, M = data.tokenizer, cfg.chunk_len
+    prompt = tok.decode(data.tokens["val"][:M // 2].tolist())
+    reads = []
+    text = generate(model, tok, retriever, prompt, cfg, device, reads)
+    print0(f"sample from a held-out document's first words{', with retrieval' if retriever else ''}:\n{text}")
+    abridge = lambda ids: (lambda t: t if len(t) <= 60 else t[:57] + "...")(" ".join(tok.decode(
+        [i for i in ids.tolist() if i != data.meta["pad_id"]]).split()))
+    if reads:
+        print0(f"what each chunk of {M} tokens retrieved (its nearest neighbour), read by the tokens after it:")
+    for u, (chunk, ids, nb) in enumerate(reads):
+        source = "your neighbour" if ids is None else where(data.meta, int(ids[0])).split(" (")[-1].split(",")[0]
+        print0(f"  chunk {u} {abridge(chunk)!r}\n      <- {Path(source.rstrip(')')).name}: {abridge(nb[0])!r}")
+
+
 def main(argv=None):
     cfg = cli(TrainConfig, "Train RETRO on a text file; sample from (--sample) or evaluate (--eval_only) it.", argv)
     ckpt_path, ckpt = Path(cfg.out_dir) / "ckpt.pt", None
@@ -376,7 +424,7 @@ def main(argv=None):
         tc = (ckpt := load_checkpoint(ckpt_path))["train_config"]
         cfg = replace(cfg, **{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours", "batch_size")})
         if not cfg.db and cfg.data == TrainConfig.data:    # no --data or --db: the database it was trained with
-            cfg = replace(cfg, data=tc["data"], db=tc["db"])
+            cfg = trained_with(cfg, tc)
     # ---- the machine: torchrun or not, device, precision ----
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
@@ -402,8 +450,11 @@ def main(argv=None):
     master = rank == 0
     print0 = print if master else (lambda *a, **k: None)
     device_type = device.split(":")[0]
-    # bf16 autocast on CUDA only: on a CPU bf16 matrix products are 10-100x slower than fp32
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    try:
+        dtype, dtype_why = resolve_dtype(cfg.dtype, device)
+    except DBError as e:
+        fail(e)
+    ctx = autocast(device, dtype)                   # the weights and AdamW's state stay fp32 whatever dtype is
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     remote = is_server(cfg.db)
     if remote and ckpt is None:
@@ -413,7 +464,7 @@ def main(argv=None):
             retriever = connect(cfg.db)
             load_checkpoint(ckpt_path, retriever.meta, cfg.db, ckpt)
             db, meta = (cfg.db, retriever.meta) if sampling else prepare_db(
-                replace(cfg, data=tc["data"], db=tc["db"]), training=False)
+                trained_with(cfg, tc), training=False)
         elif master:
             db, meta = prepare_db(cfg, training=ckpt is None)
         if ddp:
@@ -443,10 +494,9 @@ def main(argv=None):
         if remote:
             data.retrieve_val(retriever)
         r = evaluate(model, data, ctx, device, desc="eval")   # all of it, with this database's neighbours
-        print0(f"{ckpt_path} (step {ckpt['iter']}) with {cfg.db if remote else db}, held-out {meta['n_val_documents']} "
-               f"documents: RETRO[ON] loss {r['on'][0]:.4f} bpb {r['on'][1]:.4f}, RETRO[OFF] loss {r['off'][0]:.4f} "
-               f"bpb {r['off'][1]:.4f}")
-        r["probe"] = report_probe(model, data, ctx, device, print0)
+        r["probe"] = retrieval_probe(model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
+        print0(f"{ckpt_path} (step {ckpt['iter']}) with {cfg.db if remote else db}:")
+        report(r, r["probe"], meta, print0)
         if master:
             log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
                      tc["block_size"], final=True, db=cfg.db if remote else str(db), probe=r["probe"])
@@ -485,7 +535,7 @@ def main(argv=None):
             fail(f"{ckpt_path} is at step {start}, past --max_iters {cfg.max_iters}: pass a larger --max_iters")
     raw_model = model                                 # uncompiled and unwrapped: what is saved and sampled
     flops_per_seq = training_flops(raw_model, data, device)
-    peak, peak_source = peak_flops(cfg, device_type)
+    peak, peak_source = peak_flops(cfg, device_type, dtype)
     if cfg.compile:
         model = torch.compile(model)
     if ddp:
@@ -493,8 +543,13 @@ def main(argv=None):
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     print0(f"RETRO: {raw_model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained, "
-           f"K={cfg.n_neighbours}; {world} process(es) on {device}, {tokens_per_step:,} tokens per step; "
-           f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+           f"K={cfg.n_neighbours}; {world} process(es) on {device}, {dtype_why}; {tokens_per_step:,} tokens per "
+           f"step; MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+    if cfg.n_neighbours:              # measured before training: what retrieval can do for this text
+        share = meta.get("overlap")
+        if share is None:             # a database built before the measurement existed
+            share = overlap(data.tokens["val"], data.neighbours["val"], cfg.chunk_len, meta["pad_id"])
+        print0(f"retrieval outlook: {outlook(share)}")
 
     # ---- training ----
     history = {"loss": {}, "val": {}}               # step -> training loss, step -> evaluation
@@ -539,16 +594,12 @@ def main(argv=None):
     if master:
         save_checkpoint(ckpt_path, raw_model, optimizer, cfg, cfg.max_iters, meta)
         r = history["val"][cfg.max_iters] = evaluate(raw_model, data, ctx, device, desc="final eval")
-        print0(f"trained {cfg.max_iters - start} steps in {train_time / 60:.1f} min; held-out "
-               f"{meta['n_val_documents']} documents: RETRO[ON] loss {r['on'][0]:.4f} bpb {r['on'][1]:.4f}, "
-               f"RETRO[OFF] loss {r['off'][0]:.4f} bpb {r['off'][1]:.4f}")
-        probe = report_probe(raw_model, data, ctx, device, print0) if cfg.n_neighbours else None
+        probe = retrieval_probe(raw_model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
         log_eval(log_path, cfg.max_iters, r, tokens_per_step, final=True, probe=probe)
-        prompt = data.tokenizer.decode(data.tokens["val"][:cfg.chunk_len // 2].tolist())  # a held-out document's start
+        print0(f"trained {cfg.max_iters - start} steps in {train_time / 60:.1f} min")
+        report(r, probe, meta, print0)
         retriever = Retriever(db, device) if cfg.n_neighbours else None
-        print0(f"sample with retrieval:\n{generate(raw_model.eval(), data.tokenizer, retriever, prompt, cfg, device)}")
-        print0("what retrieval buys when the database holds more than the training text: README.md, \"Does "
-               "retrieval help?\" (bash bench/retrieval_experiment.sh)")
+        sample_held_out(raw_model.eval(), data, retriever, cfg, device, print0)
     if ddp:
         torch.distributed.destroy_process_group()
     return history

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_db import load_meta  # noqa: E402
+from build_db import load_meta, longest_shared_run  # noqa: E402
 from retro import RETRO, RetroConfig  # noqa: E402
-from retrieval_gain import longest_shared_run  # noqa: E402
 from train import Data, TrainConfig, load_checkpoint  # noqa: E402
 
 BUCKETS = [(0.0, 0.125), (0.125, 0.25), (0.25, 0.5), (0.5, 1.01)]

@@ -30,23 +30,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from build_db import load_meta  # noqa: E402
+from build_db import load_meta, longest_shared_run  # noqa: E402
 from retro import RETRO, RetroConfig  # noqa: E402
 
 BUCKETS = [(0, 8), (8, 16), (16, 32), (32, 10 ** 9)]
-
-
-def longest_shared_run(chunks: np.ndarray, neighbours: np.ndarray, pad: int) -> np.ndarray:
-    """(n, M) chunks, (n, K, R) neighbours -> (n,) longest common run of tokens of each chunk with any of its
-    neighbours (dynamic programming over the chunk's tokens, vectorised over chunks and neighbours)."""
-    nb = np.where(neighbours == pad, -1, neighbours).astype(np.int64)      # padding matches nothing
-    run = np.zeros(nb.shape, dtype=np.int32)                                # run ending at (chunk token, j)
-    best = np.zeros(len(chunks), dtype=np.int32)
-    for i in range(chunks.shape[1]):
-        same = nb == chunks[:, i, None, None]                               # (n, K, R)
-        run = np.where(same, np.pad(run, ((0, 0), (0, 0), (1, 0)))[:, :, :-1] + 1, 0)
-        best = np.maximum(best, run.max(axis=(1, 2)))
-    return best
 
 
 @torch.no_grad()
