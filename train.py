@@ -55,6 +55,7 @@ class TrainConfig:
     vocab_size: int = 4096          # BPE vocabulary, if the database has to be built
     n_neighbours: int = 2           # K neighbours per chunk; 0 trains the same decoder without retrieval
     retrofit: str = ""              # a baseline checkpoint: freeze its decoder, train encoder + CCA only
+    synthetic: float = 0.0          # training: share of chunks whose last neighbour is an edited copy of their text
     # optimisation (paper, appendix C.1: AdamW, weight decay 0.1, warm-up, cosine decay to 10%)
     batch_size: int = 8             # sequences per micro-step and process
     grad_accum: int = 1             # micro-steps per optimizer step
@@ -130,7 +131,12 @@ class Data:
     def batch(self, split, it, micro, rank):
         """A random batch that depends only on (seed, step, micro-step, rank): --resume replays it exactly."""
         rng = np.random.default_rng([self.cfg.seed, it, micro, rank])
-        return self.sequences(split, rng.integers(0, self.n_starts(split), self.cfg.batch_size))
+        starts = rng.integers(0, self.n_starts(split), self.cfg.batch_size)
+        x, y, nb = self.sequences(split, starts)
+        if split == "train" and self.cfg.synthetic and nb is not None:
+            add_edited_copies(nb, self.tokens["train"], starts, self.M, self.cfg.synthetic, rng, self.meta["pad_id"],
+                              self.meta["eot_id"])
+        return x, y, nb
 
     def eval_batches(self, n_batches=None):
         """Non-overlapping validation sequences, in order; n_batches spaced evenly, or all of them."""
@@ -139,6 +145,33 @@ class Data:
         if n_batches and n_batches < len(batches):
             batches = [batches[i] for i in np.linspace(0, len(batches) - 1, n_batches).astype(int)]
         return batches
+
+
+def edited_copy(stream, at: int, n: int, rng, pad: int, eot: int, noise: float = 0.1, shift: int = 0) -> np.ndarray:
+    """n tokens of stream from about position at, changed the way related text differs from it: the start moved
+    by up to `shift` tokens either way (other chunk boundaries), each token dropped with probability noise, else
+    replaced with probability noise by a token from elsewhere in the stream; nothing after the document's end."""
+    a = int(np.clip(at + rng.integers(-shift, shift + 1), 0, len(stream) - 1))
+    seg = np.asarray(stream[a:a + 2 * n], np.int64)
+    seg = seg[rng.random(len(seg)) >= noise]
+    swap = rng.random(len(seg)) < noise
+    seg[swap] = stream[rng.integers(0, len(stream), int(swap.sum()))]
+    seg = seg[:n]
+    if (ends := np.flatnonzero(seg == eot)).size:
+        seg = seg[:ends[0] + 1]
+    return np.pad(seg, (0, n - len(seg)), constant_values=pad)
+
+
+def add_edited_copies(nb, stream, starts, M: int, share: float, rng, pad: int, eot: int):
+    """--synthetic, in training only: each chunk u of the sequences starting at chunks `starts`, with probability
+    share, reads as its last neighbour an edited copy (edited_copy) of [C_u, C_{u+1}] in place of the one
+    retrieved, beside the others. A model whose real neighbours rarely hold its continuation (a text that does
+    not repeat itself) learns to ignore them, and then cannot use a database grown later; with some chunks whose
+    neighbour holds the answer in other words, reading them pays in training too. Evaluation never sees one.
+    nb (B, L, K, 2M), changed in place."""
+    for b, s in enumerate(starts):
+        for u in np.flatnonzero(rng.random(nb.size(1)) < share):
+            nb[b, u, -1] = torch.from_numpy(edited_copy(stream, (s + u) * M, 2 * M, rng, pad, eot, shift=M // 4))
 
 
 @torch.no_grad()
@@ -413,7 +446,8 @@ def sample_held_out(model, data, retriever, cfg: TrainConfig, device: str, print
         print0(f"what each chunk of {M} tokens retrieved (its nearest neighbour), read by the tokens after it:")
     for u, (chunk, ids, nb) in enumerate(reads):
         source = "your neighbour" if ids is None else where(data.meta, int(ids[0])).split(" (")[-1].split(",")[0]
-        print0(f"  chunk {u} {abridge(chunk)!r}\n      <- {Path(source.rstrip(')')).name}: {abridge(nb[0])!r}")
+        print0(f"  chunk {u} {abridge(chunk)!r}\n      read {Path(source.rstrip(')')).name}: {abridge(nb[0, :M])!r}"
+               f"\n        continued: {abridge(nb[0, M:])!r}")
 
 
 def main(argv=None):
@@ -439,6 +473,8 @@ def main(argv=None):
     for name in ("n_neighbours", "max_iters", "max_new_tokens", "temperature", "top_k", "dropout", "learning_rate"):
         if getattr(cfg, name) < 0:
             fail(f"--{name} cannot be negative ({getattr(cfg, name)})")
+    if not 0 <= cfg.synthetic <= 1:
+        fail(f"--synthetic {cfg.synthetic} is a share of chunks: from 0 to 1")
     if cfg.block_size % cfg.chunk_len:
         fail(f"--block_size {cfg.block_size} must be a multiple of --chunk_len {cfg.chunk_len}")
     model_config(cfg, {"vocab_size": cfg.vocab_size, "pad_id": 0})   # bad model flags fail now, not after a build

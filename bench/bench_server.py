@@ -1,5 +1,5 @@
 """
-Load on the retrieval server: `python build_db.py --serve` in its own process, several client threads sending a
+Load on the retrieval server: `python extras/server.py` in its own process, several client threads sending a
 fixed number of /neighbours requests each, every answer compared with local retrieval (build_db.Retriever on
 the same folder). Reports requests/s, chunks/s and latency (median, p99).
 
@@ -40,8 +40,8 @@ def main():
     want = local.query(chunks)
     local_s = time.perf_counter() - t
     del local
-    server = subprocess.Popen([sys.executable, "build_db.py", "--serve", "--out", args.db, "--port", "0",
-                               "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "extras/server.py", args.db, "--port", "0", "--device", "cpu"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         url = re.search(r"at (http://\S+)", server.stdout.readline())[1]
 

@@ -1,9 +1,9 @@
 """
 The paper's Figure 1 (middle) at our scale: one trained model, no retraining, held-out bits per byte against the
 size of the database it retrieves from. The database grows from the training chunks by growing shares of a
-related text's documents (by default the World English Bible's books, in a fixed random order, each share
-holding the last) and, at the same sizes, by an unrelated control text instead; RETRO[OFF] (the same weights,
-no neighbours) and a baseline trained without retrieval are flat lines.
+related text (by default the World English Bible, in pieces of 16 chunks, about a chapter, in a fixed random
+order, each share holding the last) and, at the same sizes, by an unrelated control text instead; RETRO[OFF]
+(the same weights, no neighbours) and a baseline trained without retrieval are flat lines.
 
     python train.py && python train.py --n_neighbours 0 --out_dir out/baseline
     python bench/db_growth.py --out_dir out --baseline out/baseline --png bench/db_growth.png
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import build_db  # noqa: E402
 from retro import RETRO, RetroConfig  # noqa: E402
+import train  # noqa: E402
 from train import Data, TrainConfig, evaluate, load_checkpoint  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -47,12 +47,15 @@ def source_chunks(db: Path, meta: dict, text: str, cache: Path, embedder) -> tup
             np.load(folder / "sources" / f"{key}_emb.npy", mmap_mode="r"))
 
 
-def nested_shares(stream: np.ndarray, M: int, eot: int, shares: list, seed: int = 0) -> list:
-    """For each share s, the chunks of the first s of the text's documents in a fixed random order: whole
-    documents, each share holding the one before it."""
+def nested_shares(stream: np.ndarray, M: int, eot: int, shares: list, block: int, seed: int = 0) -> list:
+    """For each share s, the chunks of the first s of the text's pieces in a fixed random order, each share
+    holding the one before it. A piece is `block` consecutive chunks of one document (about a chapter at 16),
+    or a whole document (block 0): with few held-out documents, whole ones make a share hold all of a held-out
+    document's twin or none of it, and the curve jumps."""
     doc = np.searchsorted(np.flatnonzero(stream == eot), np.arange(0, len(stream), M))  # (chunks,) first token's
-    order = np.random.default_rng(seed).permutation(doc.max() + 1)
-    return [np.flatnonzero(np.isin(doc, order[:round(s * len(order))])) for s in shares]
+    piece = doc if not block else np.cumsum(np.r_[1, (np.diff(doc) != 0) | (np.arange(1, len(doc)) % block == 0)]) - 1
+    order = np.random.default_rng(seed).permutation(piece.max() + 1)
+    return [np.flatnonzero(np.isin(piece, order[:round(s * len(order))])) for s in shares]
 
 
 def main(argv=None):
@@ -62,7 +65,8 @@ def main(argv=None):
     p.add_argument("--db", default="", help="the database to grow from (default: the model's own)")
     p.add_argument("--related", default=str(HERE / "texts" / "web.txt"), help="the text that grows the database")
     p.add_argument("--control", default=str(HERE / "texts" / "control.txt"), help="the unrelated text, same sizes")
-    p.add_argument("--shares", default="0,0.125,0.25,0.5,1", help="shares of the related text's documents")
+    p.add_argument("--shares", default="0,0.125,0.25,0.5,1", help="shares of the related text's pieces")
+    p.add_argument("--block", type=int, default=16, help="chunks per piece of the related text (0: documents)")
     p.add_argument("--cache", default="data/db_growth", help="where the control's embeddings are kept")
     p.add_argument("--json", default="", help="write the table here as JSON")
     p.add_argument("--png", default="", help="draw the figure here (needs matplotlib)")
@@ -90,7 +94,7 @@ def main(argv=None):
     model.load_state_dict(ckpt["model"])
     shares = [float(s) for s in args.shares.split(",")]
     rows = []
-    for share, chosen in zip(shares, nested_shares(related[0], M, eot, shares)):
+    for share, chosen in zip(shares, nested_shares(related[0], M, eot, shares, args.block)):
         control_rows = np.arange(min(len(chosen), len(control[1])))          # the same number of control chunks
         for kind, rows_of in (("related", chosen), ("control", control_rows)):
             if kind == "control" and share == 0:

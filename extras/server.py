@@ -1,0 +1,154 @@
+"""
+The retrieval server: a database folder over HTTP, for generation and evaluation in other processes or on other
+machines (train.py --db http://host:port reads it through build_db.RemoteRetriever, the same neighbours token
+for token as the folder's own Retriever).
+
+    python extras/server.py data/text+web --port 8000       # the quick start's database; Ctrl-C stops
+    curl -s localhost:8000/neighbours -d '{"texts": ["And God said, Let there be light"], "k": 2}'
+
+GET /meta (meta.json and the server's limits), GET /tokenizer.json, POST /neighbours with {"chunks": [[ids]]} or
+{"texts": [...]} and optionally "k" -> {"ids", "distances", "neighbours"}. Threads share one index: queries that
+arrive while a search runs are answered together by the next one (build_db.Retriever.query). Bad requests get
+a 4xx with a one-line JSON error, and the server serves on.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from build_db import DBConfig, DBError, Retriever, db_dir  # noqa: E402
+
+MAX_BODY, MAX_CHUNKS = 1 << 20, 256     # bytes per request body, chunks (or texts) per request
+
+
+class BadRequest(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def parse_query(body: bytes, meta: dict) -> dict:
+    """A /neighbours request body -> Retriever.query's arguments, or BadRequest naming what is wrong."""
+    M, V, K = meta["corpus"]["chunk_len"], meta["vocab_size"], meta["retrieval"]["k"]
+    try:
+        q = json.loads(body)
+    except (ValueError, RecursionError) as e:   # UnicodeDecodeError is a ValueError; RecursionError: deep nesting
+        raise BadRequest(400, f"the body is not JSON: {e}") from None
+    unknown = sorted(set(q) - {"chunks", "texts", "k"}) if isinstance(q, dict) else []
+    if not isinstance(q, dict) or ("chunks" in q) == ("texts" in q) or unknown:
+        raise BadRequest(400, 'the body must be a JSON object with "chunks" (lists of token ids) or "texts" '
+                              '(strings), and optionally "k"' + (f", not {unknown}" if unknown else ""))
+    k = q.get("k", K)
+    if type(k) is not int or not 1 <= k <= K:
+        raise BadRequest(400, f'"k" must be an integer from 1 to {K}, not {json.dumps(k)}')
+    name = "chunks" if "chunks" in q else "texts"
+    items = q[name]
+    if not isinstance(items, list) or not items or len(items) > MAX_CHUNKS:
+        raise BadRequest(400, f'"{name}" must be a list of 1 to {MAX_CHUNKS} {name}')
+    if name == "texts":                 # Retriever.query checks them, as it does for every caller
+        return dict(texts=items, k=k)
+    for i, c in enumerate(items):
+        if not isinstance(c, list) or len(c) != M or not all(type(t) is int for t in c):
+            raise BadRequest(400, f"chunk {i} must be a list of {M} integer token ids (this database's chunk_len)")
+        if not all(0 <= t < V for t in c):
+            raise BadRequest(400, f"chunk {i} holds a token id outside 0..{V - 1} (this database's vocabulary)")
+    return dict(chunks=np.array(items, dtype=np.int64), k=k)
+
+
+def make_server(db, host: str = "127.0.0.1", port: int = 8000, device: str = "auto"):
+    """A threaded HTTP server of the database folder db (port 0: a free one). It reads only that folder, and
+    answers GET /meta (meta.json and the server's limits), GET /tokenizer.json, and POST /neighbours."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    retriever = Retriever(db, device)
+    meta = {**retriever.meta, "server": dict(max_body_bytes=MAX_BODY, max_chunks=MAX_CHUNKS)}
+    tokenizer_json = (Path(db) / "tokenizer.json").read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = 60                    # seconds a client may take to send its request
+
+        def answer(self, code: int, body, kind: str = "application/json"):
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/meta":
+                self.answer(200, meta)
+            elif self.path == "/tokenizer.json":
+                self.answer(200, tokenizer_json)
+            else:
+                self.answer(404, {"error": f"no {self.path}: GET /meta, GET /tokenizer.json, POST /neighbours"})
+
+        def do_POST(self):
+            try:
+                if self.path != "/neighbours":
+                    raise BadRequest(404, f"no {self.path}: POST /neighbours")
+                size = self.headers.get("Content-Length", "")
+                if not size.isdigit():
+                    raise BadRequest(411, "the request needs a Content-Length header")
+                if int(size) > MAX_BODY:
+                    left = int(size) if int(size) <= 64 * MAX_BODY else 0   # read a body up to 64 MiB, so that
+                    while left > 0 and self.rfile.read(min(left, 1 << 16)):  # its sender gets this answer and
+                        left -= 1 << 16                                     # not a broken pipe
+                    self.close_connection = True
+                    raise BadRequest(413, f"the body has {int(size):,} bytes, more than {MAX_BODY:,}: send fewer "
+                                          f"chunks per request")
+                try:
+                    body = self.rfile.read(int(size))
+                except TimeoutError:
+                    self.close_connection = True
+                    raise BadRequest(408, f"the body's {size} bytes did not arrive within {self.timeout} s") from None
+                r = retriever.query(**parse_query(body, meta))
+                self.answer(200, {name: v.tolist() for name, v in r.items()})
+            except (BadRequest, ValueError) as e:      # ValueError: Retriever.query refused its arguments
+                self.answer(getattr(e, "code", 400), {"error": str(e)})
+            except Exception as e:                      # a bug, not the request's fault: say so, and serve on
+                self.answer(500, {"error": f"{type(e).__name__}: {e}"})
+
+        def send_error(self, code, message=None, explain=None):  # http.server's own errors (501, a bad request
+            self.close_connection = True                         # line) in JSON too
+            self.answer(code, {"error": message or str(code)})
+
+        def log_request(self, code="-", size="-"):      # errors only: a generator sends one request per chunk
+            if str(code)[0] != "2":
+                super().log_request(code, size)
+
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        raise DBError(f"cannot listen on {host}:{port}: {e.strerror}: pass another --port (0: any free one)") from None
+    server.daemon_threads = True
+    return server
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Serve a RETRO retrieval database over HTTP.")
+    p.add_argument("db", nargs="?", default=str(db_dir(DBConfig())), help="the database folder (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="the port (0: any free one)")
+    p.add_argument("--device", default="auto", help="the embedder's device")
+    args = p.parse_args(argv)
+    try:
+        server = make_server(args.db, args.host, args.port, args.device)
+    except DBError as e:
+        sys.exit(f"server.py: error: {e}")
+    host, port = server.server_address[:2]
+    print(f"serving {args.db} at http://{host}:{port} (GET /meta, GET /tokenizer.json, POST /neighbours); "
+          f"Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
