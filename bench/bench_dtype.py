@@ -29,11 +29,14 @@ from train import TrainConfig  # noqa: E402
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def train_step_seconds(model, optimizer, batch, dtype) -> float:
+def train_step_seconds(model, optimizer, batch, dtype, backward_in_autocast: bool = False) -> float:
     t = time.perf_counter()
     with build_db.autocast("cpu", dtype):
         loss = model(*batch)[1]
-    loss.backward()
+        if backward_in_autocast:            # as train.py does: the backward pass's products under autocast too
+            loss.backward()
+    if not backward_in_autocast:
+        loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - t
@@ -67,15 +70,16 @@ def main(argv=None):
     torch.manual_seed(0)
     model = RETRO(mc)
     optimizer = model.configure_optimizers(cfg.weight_decay, 1e-4)
-    times = {d: [] for d in DTYPES}
-    for d in DTYPES:
-        train_step_seconds(model, optimizer, batch, d)                 # warm-up
+    variants = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False),
+                "bf16, backward under autocast": (torch.bfloat16, True)}
+    times = {v: [] for v in variants}
+    for d, inside in variants.values():
+        train_step_seconds(model, optimizer, batch, d, inside)          # warm-up
     for _ in range(args.rounds):
-        for d in DTYPES:
-            times[d] += [train_step_seconds(model, optimizer, batch, d) for _ in range(args.steps)]
-    rate = {d: B * T / statistics.median(t) for d, t in times.items()}
-    print(f"training step: fp32 {rate[torch.float32]:,.0f} tokens/s, bf16 {rate[torch.bfloat16]:,.0f} tokens/s: "
-          f"{rate[torch.bfloat16] / rate[torch.float32]:.2f}x")
+        for v, (d, inside) in variants.items():
+            times[v] += [train_step_seconds(model, optimizer, batch, d, inside) for _ in range(args.steps)]
+    rate = {v: B * T / statistics.median(t) for v, t in times.items()}
+    print("training step: " + ", ".join(f"{v} {r:,.0f} tokens/s ({r / rate['fp32']:.2f}x)" for v, r in rate.items()))
 
     docs = build_db.read_documents(str(build_db.DEFAULT_TEXT))
     tok = build_db.train_tokenizer(docs[:10], 4096)

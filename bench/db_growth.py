@@ -138,6 +138,8 @@ def plot(result: dict, path: str):
     ax.axhline(off, color="gray", ls=":", label="RETRO[OFF] (same weights, no neighbours)")
     if "baseline_bpb" in result:
         ax.axhline(result["baseline_bpb"], color="black", ls="-.", label="baseline (trained without retrieval)")
+    top = max([off, result.get("baseline_bpb", off)] + [r["bpb_on"] for r in result["rows"]])
+    ax.set_ylim(top=top + 0.04)                                          # the flat lines inside the frame
     ax.set_xlabel("database size (chunks of 64 tokens)")
     ax.set_ylabel("held-out bits per byte")
     ax.set_title("One model, no retraining: a larger database, a better model")
