@@ -1014,18 +1014,25 @@ def connect(db, device: str = "auto") -> Retriever:
 
 # ---- a look inside: python build_db.py --show TEXT, or --show train:N / val:N ------------------------------
 
+def source_of(meta: dict, i: int) -> tuple:
+    """Chunk number i -> (the text it comes from, its chunk number there): ("training text", i) for the training
+    chunks, (path, j) for a retrieval-only text's, (None, i) for none."""
+    if 0 <= i < meta["n_train_chunks"]:
+        return "training text", i
+    j = i - meta["n_train_chunks"]
+    for s in meta.get("sources", []) if i >= 0 else []:
+        if j < s["n_chunks"]:
+            return s["text"], j
+        j -= s["n_chunks"]
+    return None, i
+
+
 def where(meta: dict, i: int) -> str:
-    """Which text a chunk number belongs to."""
-    if i < 0:
-        return "none (padding)"
-    if i < meta["n_train_chunks"]:
-        return f"chunk {i} (training text)"
-    i -= meta["n_train_chunks"]
-    for s in meta.get("sources", []):
-        if i < s["n_chunks"]:
-            return f"chunk {i + meta['n_train_chunks']} ({s['text']}, its chunk {i})"
-        i -= s["n_chunks"]
-    return f"chunk {i} (not in this database)"
+    """Which text a chunk number belongs to, in words."""
+    text, j = source_of(meta, i)
+    if text is None:
+        return "none (padding)" if i < 0 else f"chunk {i} (not in this database)"
+    return f"chunk {i} (training text)" if text == "training text" else f"chunk {i} ({text}, its chunk {j})"
 
 
 def show(cfg: DBConfig):

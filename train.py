@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from build_db import (PAD, SEPARATOR, DBConfig, DBError, Retriever, autocast, build, cli, connect, current_file,
-                      db_dir, is_server, is_unicode, load_meta, outlook, overlap, resolve_device, resolve_dtype, where)
+                      db_dir, is_server, is_unicode, load_meta, outlook, overlap, resolve_device, resolve_dtype,
+                      source_of)
 from retro import RETRO, RetroConfig
 
 
@@ -440,13 +441,15 @@ def sample_held_out(model, data, retriever, cfg: TrainConfig, device: str, print
     reads = []
     text = generate(model, tok, retriever, prompt, cfg, device, reads)
     print0(f"sample from a held-out document's first words{', with retrieval' if retriever else ''}:\n{text}")
-    abridge = lambda ids: (lambda t: t if len(t) <= 60 else t[:57] + "...")(" ".join(tok.decode(
-        [i for i in ids.tolist() if i != data.meta["pad_id"]]).split()))
+
+    def abridge(ids) -> str:                                    # one line of at most 60 characters
+        text = " ".join(tok.decode([i for i in ids.tolist() if i != data.meta["pad_id"]]).split())
+        return text if len(text) <= 60 else text[:57] + "..."
     if reads:
         print0(f"what each chunk of {M} tokens retrieved (its nearest neighbour), read by the tokens after it:")
     for u, (chunk, ids, nb) in enumerate(reads):
-        source = "your neighbour" if ids is None else where(data.meta, int(ids[0])).split(" (")[-1].split(",")[0]
-        print0(f"  chunk {u} {abridge(chunk)!r}\n      read {Path(source.rstrip(')')).name}: {abridge(nb[0, :M])!r}"
+        source = "your neighbour" if ids is None else Path(source_of(data.meta, int(ids[0]))[0] or "nothing").name
+        print0(f"  chunk {u} {abridge(chunk)!r}\n      read {source}: {abridge(nb[0, :M])!r}"
                f"\n        continued: {abridge(nb[0, M:])!r}")
 
 

@@ -2,7 +2,8 @@
 An experiment that did not work: a null key in chunked cross-attention, to make the quick start's model read its
 neighbours in every seed (README, "Does retrieval help?", the seeds).
 
-    python bench/null_key.py --seed 2 --out_dir out/null_seed2     # train.py's flags, trained with the patch
+    python bench/null_key.py --retrieval_texts none --dtype float32 --seed 2 --out_dir out/null_seed2
+    # (train.py's flags, trained with the patch)
 
 The idea: CCA starts as a copy head (deviation 8) and copies the token after the neighbour token that matches
 its own, but in most chunks of the King James Bible no neighbour token is followed by what comes next, so the

@@ -12,7 +12,7 @@ WEB=bench/texts/web.txt
 CONTROL=bench/texts/control.txt
 
 # ---- databases: the KJV (the quick start's), grown by the WEB, by the unrelated control, by both ----
-python build_db.py text.txt --out data/text
+python build_db.py text.txt --retrieval_texts none --dtype float32 --out data/text
 grow() {   # grow DB SOURCE_DB TEXT: a copy of SOURCE_DB with TEXT added; embeddings of any database are reused
     [ -f "data/$1/meta.json" ] && return
     rm -rf "data/$1" && cp -r "data/$2" "data/$1" && mkdir -p "data/$1/sources"
@@ -21,7 +21,7 @@ grow() {   # grow DB SOURCE_DB TEXT: a copy of SOURCE_DB with TEXT added; embedd
 }
 grow kjv_web text "$WEB"
 # ---- models: the same decoder, the same seed, the same batches and steps ----
-train() { [ -f "$1/ckpt.pt" ] || python train.py --out_dir "$@" --seed "$SEED"; }
+train() { [ -f "$1/ckpt.pt" ] || python train.py --retrieval_texts none --dtype float32 --out_dir "$@" --seed "$SEED"; }
 train "$O/retro_web" --db data/kjv_web
 train "$O/baseline" --n_neighbours 0
 train "$O/retro" --db data/text
@@ -31,7 +31,8 @@ grow kjv_web_control kjv_web "$CONTROL"     # the control's embeddings come from
 # ---- evaluation: each RETRO model with every database, no retraining (RETRO[ON], RETRO[OFF], the oracle check) ----
 for m in retro retro_web; do
     for db in text kjv_control kjv_web kjv_web_control; do
-        grep -qs "\"db\": \"data/$db\"" "$O/$m/eval.jsonl" || python train.py --eval_only --out_dir "$O/$m" --db "data/$db"
+        grep -qs "\"db\": \"data/$db\"" "$O/$m/eval.jsonl" ||
+            python train.py --eval_only --dtype float32 --out_dir "$O/$m" --db "data/$db"
     done
 done
 # ---- the baseline that trains on the WEB as well: the KJV's 60 training books and all 66 WEB books as training

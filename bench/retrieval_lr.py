@@ -3,7 +3,7 @@ An experiment that did not work: a larger learning rate for the retrieval parame
 the CCA layers), to make the quick start's model read its neighbours in every seed (README, "Does retrieval
 help?", the seeds).
 
-    RETRIEVAL_LR_MULT=3 python bench/retrieval_lr.py --seed 2 --out_dir out/lr3_seed2   # train.py's flags
+    RETRIEVAL_LR_MULT=3 python bench/retrieval_lr.py --retrieval_texts none --dtype float32 --seed 2 --out_dir out/lr3_seed2
 
 The idea: in the seeds that do not read their neighbours, the norm of CCA's output map grows half as much as in
 the seed that does (README), as if CCA learnt too slowly to matter before the decoder had learnt without it.
