@@ -518,24 +518,29 @@ def longest_shared_run(chunks: np.ndarray, neighbours: np.ndarray, pad: int) -> 
     return best
 
 
-def overlap(tokens: np.ndarray, neighbours: np.ndarray, M: int, pad: int, run: int = 8, most: int = 4096) -> float:
+OVERLAP_RUN = 8                 # tokens in a row that a neighbour must share with the next chunk to count
+
+
+def overlap(tokens: np.ndarray, neighbours: np.ndarray, M: int, pad: int, most: int = 4096) -> float:
     """What retrieval can do for a text, measured before any training: the share of held-out chunks u whose
-    neighbours hold a run of `run` or more tokens of chunk u+1, the text the positions that read them predict
-    (at most `most` chunks, evenly spaced). RETRO gains where its neighbours hold what comes next (the paper's
-    section 4.2; Norlund et al. 2023): for the King James Bible alone it is ~13%, with the World English Bible
-    in the database ~85%."""
+    neighbours hold a run of OVERLAP_RUN or more tokens of chunk u+1, the text the positions that read them
+    predict (at most `most` chunks, evenly spaced). RETRO gains where its neighbours hold what comes next (the
+    paper's section 4.2; Norlund et al. 2023): for the King James Bible alone it is 13%, with the World English
+    Bible in the database 81%."""
     chunks = np.asarray(tokens).reshape(-1, M)
     u = np.unique(np.linspace(0, len(chunks) - 2, min(most, len(chunks) - 1)).astype(int))
     nxt = chunks[u + 1].astype(np.int64)
-    u, nxt = u[(nxt != pad).sum(1) >= run], nxt[(nxt != pad).sum(1) >= run]
+    long_enough = (nxt != pad).sum(1) >= OVERLAP_RUN       # a chunk of mostly padding cannot hold such a run
+    u, nxt = u[long_enough], nxt[long_enough]
     if not len(u):
         return 0.0
-    return float((longest_shared_run(np.where(nxt == pad, -2, nxt), neighbours[u], pad) >= run).mean())
+    return float((longest_shared_run(np.where(nxt == pad, -2, nxt), neighbours[u], pad) >= OVERLAP_RUN).mean())
 
 
 def outlook(share: float) -> str:
     """overlap's share in words: what it predicts, and what to do."""
-    said = (f"{share:.0%} of held-out chunks retrieve neighbours that share 8+ tokens with the text that follows: ")
+    said = f"{share:.0%} of held-out chunks retrieve neighbours that share {OVERLAP_RUN}+ tokens with the text that " \
+           "follows: "
     if share >= 0.5:
         return said + "a lot for retrieval to read (expect RETRO[ON] well below RETRO[OFF])"
     if share >= 0.2:
