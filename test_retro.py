@@ -548,7 +548,7 @@ def test_edited_copies_teach_a_model_whose_real_neighbours_never_help_to_read_on
 def test_edited_copies_hold_the_chunks_continuation_in_other_tokens_and_only_in_training(multi_db):
     cfg = train.TrainConfig(block_size=DB_SEQ, chunk_len=DB_M, batch_size=4, n_neighbours=2)
     meta = build_db.load_meta(multi_db.out)
-    plain, edited = (train.Data(Path(multi_db.out), meta, replace(cfg, synthetic=share)) for share in (0.0, 1.0))
+    plain, edited = (train.Data(build_db.open_db(multi_db.out), replace(cfg, synthetic=share)) for share in (0.0, 1.0))
     x, y, nb = edited.batch("train", 7, 0, 0)
     x0, y0, nb0 = plain.batch("train", 7, 0, 0)                    # the same sequences and real neighbours
     assert torch.equal(x, x0) and torch.equal(y, y0) and torch.equal(nb[:, :, 0], nb0[:, :, 0])
@@ -1053,7 +1053,7 @@ def test_training_batches_are_chunk_aligned_with_their_neighbours(multi_db):
     """x, y and neighbours come from the same chunks: the neighbours of x's chunk j are those of chunk s+j."""
     cfg = train.TrainConfig(data=multi_db.text, db=multi_db.out, block_size=DB_SEQ, chunk_len=DB_M, batch_size=3)
     meta = build_db.load_meta(multi_db.out)
-    data = train.Data(Path(multi_db.out), meta, cfg)
+    data = train.Data(build_db.open_db(multi_db.out), cfg)
     stream, nbs = load(multi_db, "train_tokens").astype(np.int64), load(multi_db, "train_neighbours")
     starts = [0, 5, data.n_starts("train") - 1]
     x, y, nb = data.sequences("train", starts)
@@ -1418,7 +1418,7 @@ def test_an_interrupted_add_leaves_the_previous_database(multi_db, tmp_path, mon
     assert meta == build_db.load_meta(multi_db.out)
     chunks = load(multi_db, "train_tokens").reshape(-1, DB_M)[::9]
     assert (build_db.Retriever(out, device="cpu").query(chunks)["ids"] < meta["n_train_chunks"]).all()
-    data = train.Data(out, meta, train.TrainConfig(block_size=DB_SEQ, chunk_len=DB_M))
+    data = train.Data(build_db.open_db(out), train.TrainConfig(block_size=DB_SEQ, chunk_len=DB_M))
     for split in ("train", "val"):
         assert np.array_equal(data.neighbours[split], load(multi_db, f"{split}_neighbours"))
     # the next add removes what the interrupted one left, and reuses the text it had embedded
@@ -1432,16 +1432,16 @@ def test_an_interrupted_add_leaves_the_previous_database(multi_db, tmp_path, mon
 
 
 def torchrun_build(tmp_path, argv, before=""):
-    """build_db.main(argv) in 2 CPU processes under torchrun (gloo), after the Python code `before`."""
-    script = tmp_path / "run_build_db.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport build_db\n{before}\n"
-                      "build_db.main(sys.argv[1:])\n")
+    """extras/build_parallel.py argv in 2 CPU processes under torchrun (gloo), after the Python code `before`."""
+    script = tmp_path / "run_build_parallel.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport build_db\n"
+                      f"from extras import build_parallel\n{before}\nbuild_parallel.main(sys.argv[1:])\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *argv]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_a_build_on_two_processes_is_the_single_process_build(web_db, tmp_path):
-    """torchrun --nproc_per_node=2 build_db.py: training text and two retrieval-only texts, embedded and searched
+    """torchrun --nproc_per_node=2 extras/build_parallel.py: training text and two retrieval-only texts, embedded and searched
     in two shares; the same files, tokens, neighbours and metadata, embeddings equal up to float16 rounding."""
     one, _ = web_db
     r = torchrun_build(tmp_path, [one.text, "--out", str(tmp_path / "two"), "--retrieval_texts", one.retrieval_texts,
@@ -1464,14 +1464,14 @@ def test_a_build_on_two_processes_is_the_single_process_build(web_db, tmp_path):
 def test_a_process_that_fails_leaves_no_database_and_is_named(multi_db, tmp_path):
     fail_in_process_1 = ("real = build_db.Embedder.__call__\n"
                          "def failing(self, texts):\n"
-                         "    if build_db.RANK == 1:\n"
+                         "    if os.environ['RANK'] == '1':\n"
                          "        raise RuntimeError('simulated failure')\n"
                          "    return real(self, texts)\n"
                          "build_db.Embedder.__call__ = failing")
     r = torchrun_build(tmp_path, [multi_db.text, "--out", str(tmp_path / "db"), "--chunk_len", str(DB_M),
                                   "--seq_len", str(DB_SEQ), "--vocab_size", "512"], fail_in_process_1)
     assert r.returncode != 0
-    assert "build_db.py: error: process 1 of 2 failed embedding" in r.stderr and "simulated failure" in r.stderr
+    assert "build_parallel.py: error: process 1 of 2 failed embedding" in r.stderr and "simulated failure" in r.stderr
     assert not (tmp_path / "db" / "meta.json").exists() and not list((tmp_path / "db").glob("*_emb.npy"))
 
 
@@ -1564,7 +1564,7 @@ def test_evaluation_through_a_server_retrieves_the_validation_neighbours_remotel
     assert url in capsys.readouterr().out
     assert json.loads((out / "eval.jsonl").read_text().splitlines()[-1])["db"] == url
     cfg = train.TrainConfig(block_size=DB_SEQ, chunk_len=DB_M)
-    data = train.Data(Path(grown_db.out), build_db.load_meta(grown_db.out), cfg)
+    data = train.Data(build_db.open_db(grown_db.out), cfg)
     stored = np.asarray(data.neighbours["val"])
     data.retrieve_val(local)
     assert (np.asarray(data.neighbours["val"]) == stored).all(-1).all(-1).mean() > 0.9   # fp16 embeddings: ~all equal
@@ -1658,16 +1658,17 @@ def test_a_server_under_concurrent_clients_answers_every_request_as_local_retrie
 def test_concurrent_queries_share_embedding_calls_and_each_gets_its_own_answer_or_the_error(grown_db):
     """Threads that query while another embeds are answered together by the next one to run: fewer embedding
     calls than queries, each query's answer as if it ran alone; an error reaches every waiting query."""
-    retriever = build_db.Retriever(grown_db.out, device="cpu")
+    local = build_db.Retriever(grown_db.out, device="cpu")
+    retriever = retrieval_server.Batcher(local)
     chunks = load(grown_db, "val_tokens").reshape(-1, DB_M)[:8].astype(np.int64)
-    alone = [retriever.query(chunks[i:i + 1], k=1 + i % 2) for i in range(8)]
-    embed, calls = retriever.embedder, []
+    alone = [local.query(chunks[i:i + 1], k=1 + i % 2) for i in range(8)]
+    embed, calls = local.embedder, []
 
     def slow(texts):                    # long enough that the other threads queue up behind the first
         calls.append(len(texts))
         time.sleep(0.2)
         return embed(texts)
-    retriever.embedder = type("Slow", (), {"__call__": staticmethod(slow), "dim": embed.dim})()
+    local.embedder = type("Slow", (), {"__call__": staticmethod(slow), "dim": embed.dim})()
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda i: retriever.query(chunks[i:i + 1], k=1 + i % 2), range(8)))
     assert len(calls) < 8 and sum(calls) == 8
@@ -1679,7 +1680,7 @@ def test_concurrent_queries_share_embedding_calls_and_each_gets_its_own_answer_o
     def broken(texts):
         time.sleep(0.2)
         raise RuntimeError("the embedder broke")
-    retriever.embedder = type("Broken", (), {"__call__": staticmethod(broken), "dim": embed.dim})()
+    local.embedder = type("Broken", (), {"__call__": staticmethod(broken), "dim": embed.dim})()
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(retriever.query, chunks[i:i + 1]) for i in range(4)]
         for f in futures:

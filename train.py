@@ -1,7 +1,7 @@
 """
 Train RETRO on a text file, measure what retrieval buys, and sample with retrieval.
 
-    python train.py                                   # text.txt on the CPU (builds data/text/ first if needed)
+    python train.py                                   # text.txt (builds data/text+web/ first if needed)
     python train.py --n_neighbours 0 --out_dir out/baseline     # the same decoder without retrieval
     python train.py --retrofit out/baseline/ckpt.pt --out_dir out/retrofit   # RETRO-fit that baseline
     torchrun --standalone --nproc_per_node=8 train.py # several GPUs, with PyTorch DDP
@@ -25,13 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from build_db import (PAD, SEPARATOR, DBConfig, DBError, Retriever, autocast, build, cli, connect, current_file,
-                      db_dir, is_server, is_unicode, load_meta, outlook, overlap, resolve_device, resolve_dtype,
-                      source_of)
+import build_db
+from build_db import PAD, SEPARATOR, DBConfig, DBError, Retriever, autocast, cli, is_unicode
 from retro import RETRO, RetroConfig
 
 
@@ -78,7 +76,7 @@ class TrainConfig:
     device: str = "auto"            # auto: cuda, then mps, then cpu
     dtype: str = "auto"             # auto: bf16 autocast on CUDA and CPUs with AMX, else fp32; float32; bfloat16
     compile: bool = False           # torch.compile the model
-    peak_tflops: float = 0.0        # for MFU; 0: an H100's bf16 dense peak on CUDA, a measured matmul on CPU
+    peak_tflops: float = 0.0        # for MFU; 0: an H100's bf16 dense peak on CUDA, none on CPU (bench/peak_flops.py)
     # sampling
     sample: str = None              # a prompt: generate from out_dir/ckpt.pt instead of training ("": a new document)
     max_new_tokens: int = 256
@@ -88,6 +86,29 @@ class TrainConfig:
     choose_neighbours: bool = False # with --sample: show each chunk's neighbours, keep them or type others
     neighbours_file: str = ""       # with --sample: a JSON list of each chunk's neighbour texts (README)
 
+    def __post_init__(self):
+        for name in ("block_size", "chunk_len", "batch_size", "grad_accum", "eval_interval", "eval_iters",
+                     "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("n_neighbours", "max_iters", "max_new_tokens", "temperature", "top_k", "dropout", "learning_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} cannot be negative ({getattr(self, name)})")
+        if not 0 <= self.synthetic <= 1:
+            raise ValueError(f"--synthetic {self.synthetic} is a share of chunks: from 0 to 1")
+        if self.block_size % self.chunk_len:
+            raise ValueError(f"--block_size {self.block_size} must be a multiple of --chunk_len {self.chunk_len}")
+        model_config(self, {"vocab_size": self.vocab_size, "pad_id": 0})   # bad model flags fail now
+
+
+def model_config(cfg: TrainConfig, meta: dict) -> RetroConfig:
+    shared = {f.name for f in fields(RetroConfig)} - {"vocab_size", "pad_id"}
+    try:
+        return RetroConfig(**{k: v for k, v in asdict(cfg).items() if k in shared},
+                           vocab_size=meta["vocab_size"], pad_id=meta["pad_id"])
+    except AssertionError as e:
+        raise ValueError(f"the model flags do not fit together: {e}") from None
+
 
 def fail(msg):
     sys.exit(f"train.py: error: {msg}" if os.environ.get("RANK", "0") == "0" else 1)   # torchrun: rank 0 says it
@@ -96,18 +117,15 @@ def fail(msg):
 # ---- data: chunk-aligned sequences with their precomputed neighbours ---------------------------------------
 
 class Data:
-    """The database's token streams and stored neighbours (memmaps), served as chunk-aligned sequences."""
+    """A database's token streams and stored neighbours (memmaps), served as chunk-aligned sequences."""
 
-    def __init__(self, db: Path, meta: dict, cfg: TrainConfig):
-        self.cfg, self.meta, self.M = cfg, meta, cfg.chunk_len
-        self.tokens = {s: np.load(db / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val")}
-        self.neighbours = {s: np.load(current_file(db, meta, f"{s}_neighbours"), mmap_mode="r")  # this generation's
-                           for s in ("train", "val")}
+    def __init__(self, db: build_db.Database, cfg: TrainConfig):
+        self.cfg, self.meta, self.M, self.tokenizer = cfg, db.meta, cfg.chunk_len, db.tokenizer
+        self.tokens, self.neighbours = db.tokens, dict(db.neighbours)
         # bytes of text behind each token, for bits per byte: a byte-level BPE token is one character per byte
-        self.tokenizer = tok = Tokenizer.from_file(str(db / "tokenizer.json"))
-        special = (meta["pad_id"], meta["eot_id"])
-        self.token_bytes = torch.tensor([0 if i in special else len(tok.id_to_token(i))
-                                         for i in range(tok.get_vocab_size())])
+        special = (db.meta["pad_id"], db.meta["eot_id"])
+        self.token_bytes = torch.tensor([0 if i in special else len(db.tokenizer.id_to_token(i))
+                                         for i in range(db.tokenizer.get_vocab_size())])
 
     def sequences(self, split: str, starts):
         """Sequences of block_size tokens starting at the given chunks: inputs (B, T), targets (B, T) with -1
@@ -166,14 +184,15 @@ def edited_copy(stream, at: int, n: int, rng, pad: int, eot: int, noise: float =
 def add_edited_copies(nb, stream, starts, M: int, share: float, rng, pad: int, eot: int):
     """--synthetic, in training only: each chunk u of the sequences starting at chunks `starts`, with probability
     share, reads as its last neighbour an edited copy (edited_copy) of [C_u, C_{u+1}] in place of the one
-    retrieved, beside the others. A model whose real neighbours rarely hold its continuation (a text that does
-    not repeat itself) learns to ignore them, and then cannot use a database grown later; with some chunks whose
-    neighbour holds the answer in other words, reading them pays in training too. Evaluation never sees one.
-    nb (B, L, K, 2M), changed in place."""
+    retrieved. A model whose real neighbours rarely hold its continuation learns to ignore them, and then
+    cannot use a database grown later; with some chunks whose neighbour holds the answer in other words,
+    reading pays in training too. Evaluation never sees one. nb (B, L, K, 2M), changed in place."""
     for b, s in enumerate(starts):
         for u in np.flatnonzero(rng.random(nb.size(1)) < share):
             nb[b, u, -1] = torch.from_numpy(edited_copy(stream, (s + u) * M, 2 * M, rng, pad, eot, shift=M // 4))
 
+
+# ---- evaluation -------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def evaluate(model, data, ctx, device, n_batches=None, desc="eval"):
@@ -224,7 +243,7 @@ def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu"):
     return {mode: v / n for mode, v in total.items()}
 
 
-def report(r: dict, probe: dict, meta: dict, print0):
+def report(r: dict, probe: dict, meta: dict, print0=print):
     """The end of a run, in words: held-out bits per byte with the retrieved neighbours and with them withheld
     (the same weights), and what the oracle check says about whether the model reads them."""
     (on, off), n = (r["on"][1], r["off"][1]), meta["n_val_documents"]
@@ -240,41 +259,11 @@ def report(r: dict, probe: dict, meta: dict, print0):
     print0(f"  oracle check: given the true continuation as its neighbour, the loss falls by {fall:.0%}: {verdict}")
 
 
-# ---- the schedule and the machine -----------------------------------------------------------------------
-
-def get_lr(cfg: TrainConfig, it: int) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio of the peak (paper, appendix C.1)."""
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def peak_flops(cfg: TrainConfig, device_type: str, dtype: torch.dtype) -> tuple:
-    """The FLOP/s that MFU is measured against, and how it was obtained."""
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12, "--peak_tflops"
-    if device_type == "cuda":
-        return 989e12, "H100 bf16 dense peak"
-    a = torch.randn(1024, 1024, dtype=dtype)
-    a @ a
-    t, n = time.perf_counter(), 0
-    while time.perf_counter() - t < 0.5:
-        a @ a
-        n += 1
-    return 2 * 1024 ** 3 * n / (time.perf_counter() - t), f"{str(dtype)[6:]} 1024x1024 matmul measured here"
-
-
-def training_flops(model, data, device) -> float:
-    """FLOPs of one training sequence (forward + backward), as torch's FlopCounterMode counts them (matrix
-    products; recompute_ffw recomputes only an elementwise GELU, which is not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x, y, nb = (t[:1].to(device) if t is not None else None for t in data.batch("train", 0, 0, 0))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x, nb, y)[1].backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+def log_eval(path: Path, step: int, r: dict, tokens_per_step: int, final: bool = False, **extra):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(step=step, tokens=step * tokens_per_step, final=final, loss_on=r["on"][0],
+                                bpb_on=r["on"][1], loss_off=r["off"][0], bpb_off=r["off"][1], **extra)) + "\n")
 
 
 # ---- database and checkpoints ---------------------------------------------------------------------------
@@ -292,39 +281,31 @@ def db_config(cfg: TrainConfig) -> DBConfig:
                     dtype=cfg.dtype)
 
 
-def prepare_db(cfg: TrainConfig, training: bool = True) -> tuple:
+def prepare_db(cfg: TrainConfig, training: bool = True) -> build_db.Database:
     """An existing --db as it is (it may hold retrieval-only texts, or have grown); else the database of
     cfg.data, built if missing, rebuilt if the text changed, with the settings it was built with (embedder,
     tokenizer size, retrieval-only texts). Training refuses one built for other shapes."""
     want = db_config(cfg)
-    db = db_dir(want)
+    db = build_db.db_dir(want)
     if (db / "meta.json").exists():
-        c, r = (meta := load_meta(db))["corpus"], meta["retrieval"]
+        c, r = (meta := build_db.load_meta(db))["corpus"], meta["retrieval"]
         if training and (c["chunk_len"] != cfg.chunk_len or r["k"] < cfg.n_neighbours or r["seq_len"] < cfg.block_size):
             raise DBError(f"{db} was built with chunk_len {c['chunk_len']}, k {r['k']}, seq_len {r['seq_len']}; this "
                           f"run needs chunk_len {cfg.chunk_len}, k >= {cfg.n_neighbours}, seq_len >= {cfg.block_size}: "
                           f"run python build_db.py {cfg.data} --out {db} --chunk_len {cfg.chunk_len} "
                           f"--k {max(cfg.n_neighbours, 2)} --seq_len {cfg.block_size}, or pass --db NEW_FOLDER")
         if cfg.db:
-            return db, meta
+            return build_db.open_db(db)
         want.vocab_size, want.bert, want.pooling = c["vocab_size"], c["bert"], c["pooling"]
         want.val_every, want.exclude_own_document = c["val_every"], r.get("exclude_own_document", False)
         want.k, want.seq_len, want.exact_below = r["k"], r["seq_len"], r["exact_below"]
         if cfg.retrieval_texts in ("", "auto"):      # the texts it holds (it may have grown with --add)
             want.retrieval_texts = ",".join(s["text"] for s in meta.get("sources", [])) or "none"
-    return db, build(want)
+    build_db.build(want)
+    return build_db.open_db(db)
 
 
-def model_config(cfg: TrainConfig, meta: dict) -> RetroConfig:
-    shared = {f.name for f in fields(RetroConfig)} - {"vocab_size", "pad_id"}
-    try:
-        return RetroConfig(**{k: v for k, v in asdict(cfg).items() if k in shared},
-                           vocab_size=meta["vocab_size"], pad_id=meta["pad_id"])
-    except AssertionError as e:
-        fail(f"the model flags do not fit together: {e}")
-
-
-def load_checkpoint(path: Path, meta: dict = None, db: Path = None, ckpt: dict = None) -> dict:
+def load_checkpoint(path: Path, meta: dict = None, db=None, ckpt: dict = None) -> dict:
     """path's checkpoint (ckpt if it was read already), checked against the database `meta` when given: a model
     can use any database with its tokenizer and chunk length, whatever its text, grown or not."""
     if ckpt is None and not path.exists():
@@ -346,15 +327,12 @@ def load_checkpoint(path: Path, meta: dict = None, db: Path = None, ckpt: dict =
         fail(f"{path} was trained with tokenizer {ckpt['tokenizer_sha256'][:8]} and chunk_len {mc['chunk_len']}; "
              f"{db} has tokenizer {meta['tokenizer_sha256'][:8]} and chunk_len {meta['corpus']['chunk_len']}: "
              f"pass a database with the model's tokenizer and chunk length (python build_db.py TEXT --tokenizer "
-             f"{db_dir(db_config(trained_with(TrainConfig(), tc)))} --chunk_len {mc['chunk_len']}), or train again")
+             f"{build_db.db_dir(db_config(trained_with(TrainConfig(), tc)))} --chunk_len {mc['chunk_len']}), or "
+             f"train again")
+    if (k := meta["retrieval"]["k"]) < tc["n_neighbours"]:
+        fail(f"{db} holds {k} neighbours per chunk and the model reads {tc['n_neighbours']}: build it with "
+             f"--k {tc['n_neighbours']}")
     return ckpt
-
-
-def log_eval(path: Path, step: int, r: dict, tokens_per_step: int, final: bool = False, **extra):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(dict(step=step, tokens=step * tokens_per_step, final=final, loss_on=r["on"][0],
-                                bpb_on=r["on"][1], loss_off=r["off"][0], bpb_off=r["off"][1], **extra)) + "\n")
 
 
 def save_checkpoint(path: Path, raw_model, optimizer, cfg, it, meta):
@@ -369,6 +347,25 @@ def save_checkpoint(path: Path, raw_model, optimizer, cfg, it, meta):
     finally:
         tmp.unlink(missing_ok=True)
 
+
+def trained_model(cfg: TrainConfig) -> tuple:
+    """--sample and --eval_only: the checkpoint in out_dir, and cfg with its shapes and, without --data or --db,
+    the database it was trained with."""
+    if "RANK" in os.environ:
+        fail("--sample and --eval_only run in one process: python train.py ..., not torchrun")
+    ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    tc = ckpt["train_config"]
+    cfg = replace(cfg, **{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours", "batch_size")})
+    return ckpt, (trained_with(cfg, tc) if not cfg.db and cfg.data == TrainConfig.data else cfg)
+
+
+def load_model(ckpt: dict, device: str) -> RETRO:
+    model = RETRO(RetroConfig(**ckpt["model_config"])).to(device).eval()
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------
 
 def read_neighbours_file(path: str, K: int) -> list:
     """--neighbours_file: a JSON list with an entry per chunk of the sequence (prompt and output, in order):
@@ -385,7 +382,7 @@ def read_neighbours_file(path: str, K: int) -> list:
     return [[e] * K if isinstance(e, str) else e for e in entries]
 
 
-def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, device: str, reads: list = None) -> str:
+def generate(model, tok, retriever, prompt: str, cfg: TrainConfig, device: str, reads: list = None) -> str:
     """Sample after prompt. Each time a chunk completes, its K neighbours come from the retriever (None: a model
     without retrieval), or from --neighbours_file, or from you (--choose_neighbours); --show_neighbours prints
     them. A neighbour's text is tokenized and cut or padded to 2M tokens: N, then F. reads, if given, gets
@@ -433,121 +430,93 @@ def generate(model, tok: Tokenizer, retriever, prompt: str, cfg: TrainConfig, de
     return text(out[0])
 
 
-def sample_held_out(model, data, retriever, cfg: TrainConfig, device: str, print0):
+def sample_held_out(model, data, retriever, cfg: TrainConfig, device: str):
     """The end of a run: a sample that starts with a held-out document's first words, and the database chunk
     each completed chunk retrieved (its nearest neighbour, abridged), which the tokens after it read."""
-    tok, M = data.tokenizer, cfg.chunk_len
-    prompt = tok.decode(data.tokens["val"][:M // 2].tolist())
-    reads = []
-    text = generate(model, tok, retriever, prompt, cfg, device, reads)
-    print0(f"sample from a held-out document's first words{', with retrieval' if retriever else ''}:\n{text}")
+    tok, M, reads = data.tokenizer, cfg.chunk_len, []
+    text = generate(model, tok, retriever, tok.decode(data.tokens["val"][:M // 2].tolist()), cfg, device, reads)
+    print(f"sample from a held-out document's first words{', with retrieval' if retriever else ''}:\n{text}")
 
     def abridge(ids) -> str:                                    # one line of at most 60 characters
         text = " ".join(tok.decode([i for i in ids.tolist() if i != data.meta["pad_id"]]).split())
         return text if len(text) <= 60 else text[:57] + "..."
     if reads:
-        print0(f"what each chunk of {M} tokens retrieved (its nearest neighbour), read by the tokens after it:")
+        print(f"what each chunk of {M} tokens retrieved (its nearest neighbour), read by the tokens after it:")
     for u, (chunk, ids, nb) in enumerate(reads):
-        source = "your neighbour" if ids is None else Path(source_of(data.meta, int(ids[0]))[0] or "nothing").name
-        print0(f"  chunk {u} {abridge(chunk)!r}\n      read {source}: {abridge(nb[0, :M])!r}"
-               f"\n        continued: {abridge(nb[0, M:])!r}")
+        source = "your neighbour" if ids is None else Path(build_db.source_of(data.meta, int(ids[0]))[0] or
+                                                           "nothing").name
+        print(f"  chunk {u} {abridge(chunk)!r}\n      read {source}: {abridge(nb[0, :M])!r}"
+              f"\n        continued: {abridge(nb[0, M:])!r}")
 
 
-def main(argv=None):
-    cfg = cli(TrainConfig, "Train RETRO on a text file; sample from (--sample) or evaluate (--eval_only) it.", argv)
-    ckpt_path, ckpt = Path(cfg.out_dir) / "ckpt.pt", None
-    sampling = cfg.sample is not None
-    if sampling or cfg.eval_only:                     # a trained model: its shapes come from its checkpoint
-        tc = (ckpt := load_checkpoint(ckpt_path))["train_config"]
-        cfg = replace(cfg, **{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours", "batch_size")})
-        if not cfg.db and cfg.data == TrainConfig.data:    # no --data or --db: the database it was trained with
-            cfg = trained_with(cfg, tc)
-    # ---- the machine: torchrun or not, device, precision ----
-    ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
-                                                                       ("WORLD_SIZE", 1)))
-    try:
-        device = resolve_device(cfg.device)
-    except DBError as e:
-        fail(e)
-    for name in ("block_size", "chunk_len", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(cfg, name) < 1:
-            fail(f"--{name} must be at least 1, not {getattr(cfg, name)}")
-    for name in ("n_neighbours", "max_iters", "max_new_tokens", "temperature", "top_k", "dropout", "learning_rate"):
-        if getattr(cfg, name) < 0:
-            fail(f"--{name} cannot be negative ({getattr(cfg, name)})")
-    if not 0 <= cfg.synthetic <= 1:
-        fail(f"--synthetic {cfg.synthetic} is a share of chunks: from 0 to 1")
-    if cfg.block_size % cfg.chunk_len:
-        fail(f"--block_size {cfg.block_size} must be a multiple of --chunk_len {cfg.chunk_len}")
-    model_config(cfg, {"vocab_size": cfg.vocab_size, "pad_id": 0})   # bad model flags fail now, not after a build
-    if ddp:
-        device = f"cuda:{local_rank}" if device.startswith("cuda") else device
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-    master = rank == 0
-    print0 = print if master else (lambda *a, **k: None)
-    device_type = device.split(":")[0]
-    try:
-        dtype, dtype_why = resolve_dtype(cfg.dtype, device)
-    except DBError as e:
-        fail(e)
-    ctx = autocast(device, dtype)                   # the weights and AdamW's state stay fp32 whatever dtype is
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    remote = is_server(cfg.db)
-    if remote and ckpt is None:
-        fail(f"--db {cfg.db}: training reads a database folder; a server's address serves --sample and --eval_only")
-    try:
-        if remote:      # the server retrieves; the held-out text to evaluate on is in the model's own database
-            retriever = connect(cfg.db)
-            load_checkpoint(ckpt_path, retriever.meta, cfg.db, ckpt)
-            db, meta = (cfg.db, retriever.meta) if sampling else prepare_db(
-                trained_with(cfg, tc), training=False)
-        elif master:
-            db, meta = prepare_db(cfg, training=ckpt is None)
-        if ddp:
-            try:
-                torch.distributed.barrier()
-            except RuntimeError:                      # rank 0 failed, and said why
-                sys.exit(1)
-        if not master:
-            db, meta = prepare_db(cfg, training=ckpt is None)
-    except DBError as e:
-        fail(e)
-    if ckpt is not None:                              # sample from, or evaluate, a trained model
-        if not remote:
-            load_checkpoint(ckpt_path, meta, db, ckpt)
-            retriever = Retriever(db, device) if sampling and cfg.n_neighbours else None
-        if (k := (retriever.meta if remote else meta)["retrieval"]["k"]) < cfg.n_neighbours:
-            fail(f"{cfg.db or db} holds {k} neighbours per chunk and the model reads {cfg.n_neighbours}: build it "
-                 f"with --k {cfg.n_neighbours}")
-        model = RETRO(RetroConfig(**ckpt["model_config"])).to(device).eval()
-        model.load_state_dict(ckpt["model"])
-        if sampling:
-            tok = retriever.tokenizer if remote else Tokenizer.from_file(str(db / "tokenizer.json"))
-            text = generate(model, tok, retriever if cfg.n_neighbours else None, cfg.sample, cfg, device)
-            print0(("--- sample:\n" if cfg.show_neighbours or cfg.choose_neighbours else "") + text)
-            return text
-        data = Data(db, meta, cfg)
-        if remote:
-            data.retrieve_val(retriever)
-        r = evaluate(model, data, ctx, device, desc="eval")   # all of it, with this database's neighbours
-        r["probe"] = retrieval_probe(model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
-        print0(f"{ckpt_path} (step {ckpt['iter']}) with {cfg.db if remote else db}:")
-        report(r, r["probe"], meta, print0)
-        if master:
-            log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
-                     tc["block_size"], final=True, db=cfg.db if remote else str(db), probe=r["probe"])
-        return r
-    data = Data(db, meta, cfg)
+def sample(cfg: TrainConfig) -> str:
+    """--sample: generate from out_dir/ckpt.pt, retrieving from its database, another one or a server."""
+    ckpt, cfg = trained_model(cfg)
+    device = build_db.resolve_device(cfg.device)
+    if build_db.is_server(cfg.db):
+        retriever = build_db.connect(cfg.db)
+        load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", retriever.meta, cfg.db, ckpt)
+    else:
+        db = prepare_db(cfg, training=False)
+        load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", db.meta, db.path, ckpt)
+        retriever = Retriever(db.path, device) if cfg.n_neighbours else None
+    tok = retriever.tokenizer if retriever else db.tokenizer
+    text = generate(load_model(ckpt, device), tok, retriever if cfg.n_neighbours else None, cfg.sample, cfg, device)
+    print(("--- sample:\n" if cfg.show_neighbours or cfg.choose_neighbours else "") + text)
+    return text
 
-    # ---- model, optimizer, resume ----
+
+def evaluate_checkpoint(cfg: TrainConfig) -> dict:
+    """--eval_only: the whole held-out set with this database's neighbours (or a server's), and the oracle check."""
+    ckpt, cfg = trained_model(cfg)
+    device = build_db.resolve_device(cfg.device)
+    dtype, _ = build_db.resolve_dtype(cfg.dtype, device)
+    ckpt_path, tc, remote = Path(cfg.out_dir) / "ckpt.pt", ckpt["train_config"], build_db.is_server(cfg.db)
+    if remote:      # the server retrieves; the held-out text to evaluate on is in the model's own database
+        retriever = build_db.connect(cfg.db)
+        load_checkpoint(ckpt_path, retriever.meta, cfg.db, ckpt)
+    db = prepare_db(trained_with(cfg, tc) if remote else cfg, training=False)
+    load_checkpoint(ckpt_path, db.meta, db.path, ckpt)
+    data, model, ctx = Data(db, cfg), load_model(ckpt, device), autocast(device, dtype)
+    if remote:
+        data.retrieve_val(retriever)
+    r = evaluate(model, data, ctx, device, desc="eval")
+    r["probe"] = retrieval_probe(model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
+    print(f"{ckpt_path} (step {ckpt['iter']}) with {cfg.db if remote else db.path}:")
+    report(r, r["probe"], db.meta)
+    log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
+             tc["block_size"], final=True, db=cfg.db if remote else str(db.path), probe=r["probe"])
+    return r
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+
+def get_lr(cfg: TrainConfig, it: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio of the peak (paper, appendix C.1)."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / cfg.warmup_iters
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def training_flops(model, data, device) -> float:
+    """FLOPs of one training sequence (forward + backward), as torch's FlopCounterMode counts them: one
+    sequence's pass, a fraction of a step (the matrix products; recompute_ffw's GELU is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, y, nb = (t[:1].to(device) if t is not None else None for t in data.batch("train", 0, 0, 0))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x, nb, y)[1].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def build_model(cfg: TrainConfig, db: build_db.Database, device: str) -> tuple:
+    """The model and AdamW: new, RETRO-fitted from a baseline (--retrofit), or resumed (--resume); the step."""
     torch.manual_seed(cfg.seed)
-    model = RETRO(model_config(cfg, meta)).to(device)
-    start = 0
+    model = RETRO(model_config(cfg, db.meta)).to(device)
     if cfg.retrofit:
-        base = load_checkpoint(Path(cfg.retrofit), meta, db)
+        base = load_checkpoint(Path(cfg.retrofit), db.meta, db.path)
         if base["model_config"] != asdict(model.config):
             fail(f"{cfg.retrofit} has another model config: pass the model flags it was trained with")
         model.load_state_dict(base["model"])
@@ -557,43 +526,75 @@ def main(argv=None):
         model.set_trainable(decoder=False)            # RETRO-fitting: only the encoder and CCA learn
     elif cfg.n_neighbours == 0:
         model.set_trainable(retrieval=False)          # the baseline: encoder and CCA stay unused
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path, meta, db)
-        if ckpt["model_config"] != asdict(model.config):
-            fail(f"{ckpt_path} was trained with another model config: pass its model flags, or another --out_dir")
-        model.load_state_dict(ckpt["model"])
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           device.split(":")[0])
+    if not cfg.resume:
+        return model, optimizer, 0
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path, db.meta, db.path)
+    if ckpt["model_config"] != asdict(model.config):
+        fail(f"{ckpt_path} was trained with another model config: pass its model flags, or another --out_dir")
+    model.load_state_dict(ckpt["model"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError:                                # other parameters were trained
+        tc = ckpt["train_config"]
+        fail(f"{ckpt_path} trained other parameters: resume with --retrofit {tc['retrofit']!r} --n_neighbours "
+             f"{tc['n_neighbours']}, as it was trained")
+    if ckpt["iter"] > cfg.max_iters:
+        fail(f"{ckpt_path} is at step {ckpt['iter']}, past --max_iters {cfg.max_iters}: pass a larger --max_iters")
+    return model, optimizer, ckpt["iter"]
+
+
+def train(cfg: TrainConfig) -> dict:
+    # ---- the machine: torchrun or not, device, precision; the database (process 0 builds it) ----
+    ddp, rank, world = "RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = build_db.resolve_device(cfg.device)
+    if build_db.is_server(cfg.db):
+        fail(f"--db {cfg.db}: training reads a database folder; a server's address serves --sample and --eval_only")
+    if ddp:
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if device.startswith("cuda") else device
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+    master, device_type = rank == 0, device.split(":")[0]
+    print0 = print if master else (lambda *a, **k: None)
+    dtype, dtype_why = build_db.resolve_dtype(cfg.dtype, device)
+    ctx = autocast(device, dtype)                   # the weights and AdamW's state stay fp32 whatever dtype is
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if master:
+        db = prepare_db(cfg)
+    if ddp:
         try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except ValueError:                            # other parameters were trained
-            tc = ckpt["train_config"]
-            fail(f"{ckpt_path} trained other parameters: resume with --retrofit {tc['retrofit']!r} --n_neighbours "
-                 f"{tc['n_neighbours']}, as it was trained")
-        start = ckpt["iter"]
-        if start > cfg.max_iters:
-            fail(f"{ckpt_path} is at step {start}, past --max_iters {cfg.max_iters}: pass a larger --max_iters")
+            torch.distributed.barrier()
+        except RuntimeError:                          # process 0 failed, and said why
+            sys.exit(1)
+    db = db if master else prepare_db(cfg)
+    data = Data(db, cfg)
+    # ---- model, optimizer, resume ----
+    model, optimizer, start = build_model(cfg, db, device)
     raw_model = model                                 # uncompiled and unwrapped: what is saved and sampled
-    flops_per_seq = training_flops(raw_model, data, device)
-    peak, peak_source = peak_flops(cfg, device_type, dtype)
+    peak = cfg.peak_tflops * 1e12 or (989e12 if device_type == "cuda" else 0)    # an H100's bf16 dense peak
+    flops_per_step = training_flops(raw_model, data, device) * cfg.batch_size * cfg.grad_accum if peak else 0
     if cfg.compile:
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     print0(f"RETRO: {raw_model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained, "
-           f"K={cfg.n_neighbours}; {world} process(es) on {device}, {dtype_why}; {tokens_per_step:,} tokens per "
-           f"step; MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+           f"K={cfg.n_neighbours}; {world} process(es) on {device}, {dtype_why}; {tokens_per_step:,} tokens per step" +
+           (f"; MFU against {peak / 1e12:.3g} TFLOP/s" if peak else ""))
     if cfg.n_neighbours:              # measured before training: what retrieval can do for this text
-        share = meta.get("overlap")
+        share = db.meta.get("overlap")
         if share is None:             # a database built before the measurement existed
-            share = overlap(data.tokens["val"], data.neighbours["val"], cfg.chunk_len, meta["pad_id"])
-        print0(f"retrieval outlook: {outlook(share)}")
+            share = build_db.overlap(data.tokens["val"], data.neighbours["val"], cfg.chunk_len, db.meta["pad_id"])
+        print0(f"retrieval outlook: {build_db.outlook(share)}")
 
-    # ---- training ----
+    # ---- training: gradient accumulation; process 0 evaluates and saves ----
     history = {"loss": {}, "val": {}}               # step -> training loss, step -> evaluation
-    log_path = Path(cfg.out_dir) / "log.jsonl"      # every evaluation, one JSON line each (for plots)
-    if master and not cfg.resume:
+    ckpt_path, log_path = Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.jsonl"   # log: one JSON line
+    if master and not cfg.resume:                                                           # per evaluation
         log_path.unlink(missing_ok=True)
     train_time = 0.0                                 # seconds spent in training steps, evaluation excluded
     for it in range(start, cfg.max_iters):
@@ -601,9 +602,8 @@ def main(argv=None):
             r = history["val"][it] = evaluate(raw_model, data, ctx, device, cfg.eval_iters)
             print0(f"step {it}: val loss {r['on'][0]:.4f} (bpb {r['on'][1]:.4f}), retrieval off {r['off'][0]:.4f}")
             log_eval(log_path, it, r, tokens_per_step)
-            save_checkpoint(ckpt_path, raw_model, optimizer, cfg, it, meta)
-        t0 = time.time()
-        lr = get_lr(cfg, it)
+            save_checkpoint(ckpt_path, raw_model, optimizer, cfg, it, db.meta)
+        t0, lr = time.time(), get_lr(cfg, it)
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(cfg.seed + 1_000_003 * it + rank)   # dropout too replays exactly on --resume
@@ -619,29 +619,37 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        log = (it + 1) % cfg.log_interval == 0 or it == start
-        if log:
+        if log := (it + 1) % cfg.log_interval == 0 or it == start:
             history["loss"][it + 1] = step_loss.item()                  # .item() waits for the GPU: time is right
         train_time += time.time() - t0
         if log:
             dt = train_time / (it + 1 - start)
-            mfu = flops_per_seq * cfg.batch_size * cfg.grad_accum / dt / peak
             print0(f"step {it + 1}/{cfg.max_iters}: loss {history['loss'][it + 1]:.4f}, lr {lr:.2e}, "
-                   f"{tokens_per_step / dt:,.0f} tokens/s, MFU {mfu:.1%}, "
+                   f"{tokens_per_step / dt:,.0f} tokens/s, " + (f"MFU {flops_per_step / dt / peak:.1%}, " if peak
+                                                                 else "") +
                    f"{dt * (cfg.max_iters - it - 1) / 60:.1f} min left")
-    # ---- the end: a checkpoint, the whole validation set, a sample ----
+    # ---- the end: a checkpoint, the whole validation set, the oracle check, a sample ----
     if master:
-        save_checkpoint(ckpt_path, raw_model, optimizer, cfg, cfg.max_iters, meta)
+        save_checkpoint(ckpt_path, raw_model, optimizer, cfg, cfg.max_iters, db.meta)
         r = history["val"][cfg.max_iters] = evaluate(raw_model, data, ctx, device, desc="final eval")
         probe = retrieval_probe(raw_model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
         log_eval(log_path, cfg.max_iters, r, tokens_per_step, final=True, probe=probe)
         print0(f"trained {cfg.max_iters - start} steps in {train_time / 60:.1f} min")
-        report(r, probe, meta, print0)
-        retriever = Retriever(db, device) if cfg.n_neighbours else None
-        sample_held_out(raw_model.eval(), data, retriever, cfg, device, print0)
-    if ddp:
+        report(r, probe, db.meta)
+        sample_held_out(raw_model.eval(), data, Retriever(db.path, device) if cfg.n_neighbours else None, cfg, device)
+    if ddp:     # the others wait for process 0's evaluation: a group torn down by one process alone can abort
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return history
+
+
+def main(argv=None):
+    cfg = cli(TrainConfig, "train.py", "Train RETRO on a text file; sample from (--sample) or evaluate "
+                                       "(--eval_only) it.", argv)
+    try:
+        return sample(cfg) if cfg.sample is not None else evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
+    except DBError as e:
+        fail(e)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def main(argv=None):
     stream = build_db.Concat([train_tokens, related[0], control[0]])     # chunk numbers: training, related, control
     offset = {"related": len(train_emb), "control": len(train_emb) + len(related[1])}
 
-    data = Data(db, meta, cfg)
+    data = Data(build_db.open_db(db), cfg)
     model = RETRO(RetroConfig(**ckpt["model_config"])).to(device).eval()
     model.load_state_dict(ckpt["model"])
     shares = [float(s) for s in args.shares.split(",")]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_db import load_meta, longest_shared_run  # noqa: E402
+from build_db import load_meta, longest_shared_run, open_db  # noqa: E402
 from retro import RETRO, RetroConfig  # noqa: E402
 from train import Data, TrainConfig, load_checkpoint  # noqa: E402
 
@@ -41,7 +41,7 @@ def main(argv=None):
     ckpt = load_checkpoint(ckpt_path, meta, db, load_checkpoint(ckpt_path))
     tc = ckpt["train_config"]
     cfg = TrainConfig(**{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours", "batch_size")})
-    data = Data(db, meta, cfg)
+    data = Data(open_db(db), cfg)
     model = RETRO(RetroConfig(**ckpt["model_config"])).eval()
     model.load_state_dict(ckpt["model"])
     M, pad = cfg.chunk_len, meta["pad_id"]

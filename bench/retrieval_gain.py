@@ -30,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from build_db import load_meta, longest_shared_run  # noqa: E402
+from build_db import load_meta, longest_shared_run, open_db  # noqa: E402
 from retro import RETRO, RetroConfig  # noqa: E402
 
 BUCKETS = [(0, 8), (8, 16), (16, 32), (32, 10 ** 9)]
@@ -87,7 +87,7 @@ def main():
         train.load_checkpoint(Path(run) / "ckpt.pt", meta, db, ckpt)    # same tokenizer and chunk length
         if args.k_eval and tc.n_neighbours:
             tc.n_neighbours = args.k_eval
-        data = train.Data(db, meta, tc)
+        data = train.Data(open_db(db), tc)
         model = RETRO(RetroConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         model.eval()

@@ -8,13 +8,14 @@ for token as the folder's own Retriever).
 
 GET /meta (meta.json and the server's limits), GET /tokenizer.json, POST /neighbours with {"chunks": [[ids]]} or
 {"texts": [...]} and optionally "k" -> {"ids", "distances", "neighbours"}. Threads share one index: queries that
-arrive while a search runs are answered together by the next one (build_db.Retriever.query). Bad requests get
-a 4xx with a one-line JSON error, and the server serves on.
+arrive while a search runs are answered together by the next one (Batcher). Bad requests get a 4xx with a
+one-line JSON error, and the server serves on.
 """
 
 import argparse
 import json
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from build_db import DBConfig, DBError, Retriever, db_dir  # noqa: E402
 
 MAX_BODY, MAX_CHUNKS = 1 << 20, 256     # bytes per request body, chunks (or texts) per request
+
+
+class Batcher:
+    """A Retriever shared by threads. One search uses every core, so they search one at a time; but the thread
+    that runs answers every query that arrived while it waited, with one embedding call and one search:
+    concurrent queries of a chunk each cost little more than one. Each query is checked first, alone."""
+
+    def __init__(self, retriever: Retriever):
+        self.retriever, self.waiting = retriever, []
+        self.lock, self.waiting_lock = threading.Lock(), threading.Lock()
+
+    def query(self, chunks=None, texts=None, k: int = None) -> dict:
+        texts, k = self.retriever.check(chunks, texts, k)
+        mine = dict(texts=texts, k=k)
+        with self.waiting_lock:
+            self.waiting.append(mine)
+        with self.lock:
+            if "ids" not in mine and "error" not in mine:       # no other thread answered it meanwhile
+                with self.waiting_lock:
+                    batch, self.waiting = self.waiting, []
+                try:
+                    distances, ids = self.retriever.search([t for q in batch for t in q["texts"]],
+                                                           max(q["k"] for q in batch))
+                    start = np.cumsum([0] + [len(q["texts"]) for q in batch])
+                    for q, a, b in zip(batch, start, start[1:]):
+                        q.update(ids=ids[a:b, :q["k"]], distances=distances[a:b, :q["k"]])
+                except Exception as e:                          # each waiting thread raises it too
+                    for q in batch:
+                        q["error"] = e
+        if "error" in mine:
+            raise mine["error"]
+        return dict(ids=mine["ids"], distances=mine["distances"], neighbours=self.retriever.tokens(mine["ids"]))
 
 
 class BadRequest(Exception):
@@ -63,8 +96,8 @@ def make_server(db, host: str = "127.0.0.1", port: int = 8000, device: str = "au
     """A threaded HTTP server of the database folder db (port 0: a free one). It reads only that folder, and
     answers GET /meta (meta.json and the server's limits), GET /tokenizer.json, and POST /neighbours."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    retriever = Retriever(db, device)
-    meta = {**retriever.meta, "server": dict(max_body_bytes=MAX_BODY, max_chunks=MAX_CHUNKS)}
+    retriever = Batcher(Retriever(db, device))
+    meta = {**retriever.retriever.meta, "server": dict(max_body_bytes=MAX_BODY, max_chunks=MAX_CHUNKS)}
     tokenizer_json = (Path(db) / "tokenizer.json").read_bytes()
 
     class Handler(BaseHTTPRequestHandler):

@@ -1,0 +1,117 @@
+"""
+build_db.py in several processes: the same database, file for file, with the two steps that grow with the corpus
+(embedding every chunk, searching every chunk's neighbours) shared among N processes (one GPU each, or CPU cores).
+
+    torchrun --nproc_per_node=4 extras/build_parallel.py big.jsonl --out data/big     # build_db.py's flags
+
+Process 0 runs build_db.build as one process would. Its embed_chunks and find_neighbours are replaced by the
+versions below, which hand the other processes a task (what to read and where to write: the token streams,
+the embeddings and the index are files) and do their own share; the others wait for tasks until process 0 is
+done. A process that fails a task names itself in process 0's one-line error, and nothing is half-written.
+"""
+
+import functools
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+from tokenizers import Tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import build_db  # noqa: E402
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+local_embed_chunks, local_find_neighbours = build_db.embed_chunks, build_db.find_neighbours
+
+
+@functools.lru_cache(maxsize=1)
+def embedder(name, pooling, device, dtype):
+    if build_db.resolve_device(device).startswith("cuda"):      # one GPU per process
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    return build_db.Embedder(name, pooling, device, dtype)
+
+
+def run(task: dict):
+    """Do this process's share of a task; every process then learns whether any failed."""
+    error = None
+    try:
+        part = (RANK, WORLD)
+        if task["kind"] == "embed":
+            e = embedder(*task["embedder"])
+            emb = np.lib.format.open_memmap(task["emb"], mode="r+")
+            build_db.embed_into(emb, e, Tokenizer.from_str(task["tokenizer"]), np.load(task["stream"], mmap_mode="r"),
+                                task["M"], task["batch_size"], task["desc"] if RANK == 0 else None, part)
+            emb.flush()
+        else:
+            out, meta = Path(task["out"]), task["meta"]
+            for split, ids in local_find_neighbours(build_db.read_index(out, meta), out, meta, part).items():
+                np.save(build_db.temporary(out / f"{split}_ids.part{RANK}.npy"), ids)
+    except Exception as e:              # a KeyboardInterrupt still ends the process at once
+        error = str(e) if isinstance(e, build_db.DBError) else f"{type(e).__name__}: {e}"
+    errors = [None] * WORLD
+    dist.all_gather_object(errors, error)
+    if failed := [(r, e) for r, e in enumerate(errors) if e]:
+        raise build_db.DBError(f"process {failed[0][0]} of {WORLD} failed {task['what']}: {failed[0][1]}")
+
+
+def send(task: dict):
+    """Process 0: hand a task to every process, and do its own share."""
+    dist.broadcast_object_list([task])
+    run(task)
+
+
+def embed_chunks(embedder, tok, stream, M, batch_size, out_path, desc):
+    with build_db.atomic(out_path) as tmp:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(stream) // M, embedder.dim)).flush()
+        send(dict(kind="embed", what=f"embedding {Path(out_path).name}", emb=tmp, stream=stream.filename, M=M,
+                  batch_size=batch_size, desc=desc, tokenizer=tok.to_str(),
+                  embedder=(embedder.name, embedder.pooling, embedder.device, str(embedder.dtype)[6:])))
+
+
+def find_neighbours(index, out, meta, part=(0, 1)) -> dict:
+    send(dict(kind="search", what="searching neighbours", out=str(out), meta=meta))
+    parts = {s: [build_db.temporary(out / f"{s}_ids.part{r}.npy") for r in range(WORLD)] for s in ("train", "val")}
+    try:
+        return {s: np.concatenate([np.load(p) for p in files]) for s, files in parts.items()}
+    finally:
+        for p in sum(parts.values(), []):
+            p.unlink(missing_ok=True)
+
+
+def main(argv=None):
+    cfg = build_db.cli(build_db.DBConfig, "build_parallel.py", "build_db.py in several processes (torchrun).", argv)
+    if cfg.show:
+        sys.exit("build_parallel.py: error: --show runs in one process: python build_db.py --show ...")
+    dist.init_process_group("gloo", timeout=timedelta(hours=12))   # small objects only: arrays go through files
+    failed = False
+    try:
+        if RANK == 0:
+            build_db.embed_chunks, build_db.find_neighbours = embed_chunks, find_neighbours
+            try:
+                if (meta := build_db.build(cfg)).get("overlap") is not None:
+                    print(f"retrieval outlook: {build_db.outlook(meta['overlap'])}")
+            except build_db.DBError as e:
+                print(f"build_parallel.py: error: {e}", file=sys.stderr)
+                failed = True
+            finally:
+                dist.broadcast_object_list([None])                  # no more tasks
+        else:
+            while True:
+                task = [None]
+                dist.broadcast_object_list(task)
+                if task[0] is None:
+                    break
+                try:
+                    run(task[0])
+                except build_db.DBError:                            # process 0 says what failed
+                    pass
+    finally:
+        dist.destroy_process_group()
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
