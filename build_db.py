@@ -612,6 +612,13 @@ class Database:
         """Every chunk's tokens ("tokens", a stream) or embeddings ("emb"), training then retrieval-only."""
         return load_streams(self.path, self.meta, kind)
 
+    def overlap(self) -> float:
+        """overlap() of the held-out chunks, as the build measured it (or now, for a database from before)."""
+        if (share := self.meta.get("overlap")) is None:
+            share = overlap(self.tokens["val"], self.neighbours["val"], self.meta["corpus"]["chunk_len"],
+                            self.meta["pad_id"])
+        return share
+
 
 def read_index(db, meta: dict):
     index = faiss.read_index(str(current_file(db, meta, "index")))

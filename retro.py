@@ -21,29 +21,20 @@ Paper symbol -> name here:
     P (layers with CCA)           -> cca_layers     H_u^+ (the attending chunk of Listing 1)     -> q in CCA
     m, k, r, n                    -> chunk_len, K, R, T
 
-Deviations from the paper (each is marked where it happens):
-    1. Rotary position embeddings (Su et al. 2021) replace the relative encodings of Transformer-XL in
-       self-attention and in the encoder; CCA's are deviation 6. In CCA the neighbour starts at the same
-       position as its chunk, as in appendix B.1.2, so a query at slot i of the attending chunk sits at
-       position m - 1 + i and a neighbour token at its index 0..2m-1.
-    2. A chunk whose neighbours are all padding contributes nothing (CCA output 0), exactly as if it had
-       retrieved nothing; the paper never has empty neighbours.
+Deviations from the paper (each is explained where it happens):
+    1. Rotary position embeddings (Su et al. 2021) in self-attention and the encoder, not Transformer-XL's
+       relative encodings; in CCA a neighbour starts at its chunk's position, as in appendix B.1.2.
+    2. A chunk whose neighbours are all padding gets nothing from CCA, as if it had retrieved nothing.
     3. Feed-forward with GELU; decoder input and output embeddings tied (GPT-2).
     4. The encoder's input H is RMS-normalised, as every other attention input is in a pre-norm model.
-    Four more make the model learn to read its neighbours in hundreds of steps rather than not at all
-    (measured with bench/copy_task.py: random tokens whose continuation is in the neighbours; README):
-    5. The encoder reads the decoder's token embedding (the paper's default is its own; its ablations find
-       sharing harmless). With its own, a copied token must pass a mapping between two random embeddings of
-       the whole vocabulary that nothing trains until CCA already works.
-    6. CCA's relative positions are a learned bias per head and offset (as in T5), not rotary, initialised
-       like ALiBi around the neighbour token in line with the token a query predicts.
-    7. The final norm's gain starts at sqrt(768 / C), so the tied output layer starts at GPT-2's logit scale.
-    8. CCA starts as an induction head: the key of neighbour token j is made from token j - 1, and the query,
-       key, value and output maps start as identities (the output at the scale of a token embedding), so a
-       query finds the place in a neighbour that follows its own token and copies the next one, wherever it
-       is. Real neighbours are rarely in line with their chunk; reading by position copies the wrong token.
-    9. Token embeddings enter the residual stream multiplied by sqrt(C) (Vaswani et al. 2017), so that at init
-       the token, not the random residual branches, dominates what deviation 8's content match compares.
+    Five more make the model learn to read its neighbours in hundreds of steps rather than not at all
+    (bench/copy_task.py: random tokens whose continuation is in the neighbours; bench/RESULTS.md):
+    5. The encoder reads the decoder's token embedding (the paper's ablations find sharing harmless).
+    6. CCA's relative positions are a learned bias per head and offset (T5), initialised like ALiBi.
+    7. The final norm's gain starts at sqrt(768 / C): GPT-2's logit scale at any width.
+    8. CCA starts as an induction head: the key of neighbour token j is made from token j - 1, and its maps
+       start as identities, so a query copies what follows its own token in a neighbour, wherever it is.
+    9. Token embeddings enter the residual stream times sqrt(C) (Vaswani et al. 2017, section 3.4).
 """
 
 import functools
@@ -286,12 +277,11 @@ class ChunkedCrossAttention(nn.Module):
         self.attn = Attention(cfg.n_embd, cfg.n_head, ctx_dim=cfg.enc_n_embd, dropout=cfg.dropout)
         self.bias = None
         if cfg.cca_position_bias:
-            # deviation 6: relative positions as a learned score bias for every head and every offset
-            # key - query (-(2m-2)..m), as in T5, in place of rotary (which would also turn the content match
-            # of deviation 8 with the offset). It starts as -slope * distance from the token in line (offset
-            # +1), slopes 1, 1/4, 1/16, ... as in ALiBi (Press et al. 2021): the first heads read the neighbour
-            # token in line from the first step, the last ones anything. Without it, finding one key of K*R at
-            # M = 64 takes the model hundreds of steps more (bench/copy_task.py).
+            # deviation 6: a learned score bias for every head and offset key - query (-(2m-2)..m), as in T5, not
+            # rotary (which would turn deviation 8's content match with the offset). It starts as -slope *
+            # distance from the token in line (offset +1), slopes 1, 1/4, 1/16, ... (ALiBi, Press et al. 2021):
+            # the first heads read the token in line from step one; without it, finding one key of K*R at
+            # M = 64 takes hundreds of steps more (bench/copy_task.py).
             M = cfg.chunk_len
             slopes = 4.0 ** -torch.arange(cfg.n_head, dtype=torch.float32)
             offset = torch.arange(3 * M - 1) - (2 * M - 2)                       # key position - query position
@@ -339,8 +329,7 @@ class ChunkedCrossAttention(nn.Module):
         return torch.where(mask, bias.to(dtype), float("-inf"))                 # (N, H, slots, K*R)
 
     def keys_values(self, enc, cache: dict = None):
-        """Keys and values of every chunk's neighbours. Generating, each chunk's are projected once, when it
-        completes, not once per new token."""
+        """Keys and values of every chunk's neighbours; generating, each chunk's are projected once, not per token."""
         R = 2 * self.M
         pos = torch.arange(enc.size(2), device=enc.device) % R                 # 0..R-1 for every neighbour
         pos = None if self.bias is not None else pos
@@ -358,12 +347,11 @@ class ChunkedCrossAttention(nn.Module):
         """Keys and values of enc (B, Lc, K*R, C_enc); rotary at pos, or none (pos None)."""
         k, v = self.attn.keys_values(enc, None)                                 # (B, Lc, H, K*R, D)
         if self.induction:
-            # deviation 8: the key of neighbour token j is computed from token j - 1 (a zero key for j = 0), the
-            # value from token j. A query holding token t then finds, by content, the place in a neighbour
-            # that follows a t, and reads what came next there: an induction head (Olsson et al. 2022) whose
-            # previous-token half is wired in. Real neighbours are rarely in line with their chunk (a
-            # paraphrase, or the same text cut at other chunk boundaries), so reading by position alone
-            # copies the wrong token; reading by content finds the right one wherever it is.
+            # deviation 8: the key of neighbour token j is computed from token j - 1 (zero for j = 0), the value
+            # from token j: a query holding token t finds, by content, the place in a neighbour that follows a t
+            # and reads what came next there, an induction head (Olsson et al. 2022) with its previous-token
+            # half wired in. Real neighbours are rarely in line with their chunk (a paraphrase, other chunk
+            # boundaries): reading by position copies the wrong token, reading by content the right one.
             B, Lc, H, S, D = k.shape
             k = k.view(B, Lc, H, S // (2 * self.M), 2 * self.M, D)                # (B, Lc, H, K, R, D)
             k = F.pad(k[..., :-1, :], (0, 0, 1, 0)).view(B, Lc, H, S, D)        # key j <- token j - 1
@@ -422,9 +410,8 @@ class RETRO(nn.Module):
         self.ln_f = RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight                   # tied (deviation 3)
-        # deviation 9: the embedding enters the residual stream times sqrt(C) (Vaswani et al. 2017, section
-        # 3.4), so that the token itself, not the random residual branches, dominates the early layers at
-        # init, in the decoder and in the encoder: what deviation 8's content match compares
+        # deviation 9: so that at init the token itself, not the random residual branches, dominates the early
+        # layers, in the decoder and in the encoder: what deviation 8's content match compares
         self.emb_scale = math.sqrt(cfg.n_embd) if cfg.scale_embedding else 1.0
         self.init_weights()
 
@@ -437,10 +424,9 @@ class RETRO(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        # deviation 7: the tied output layer scores token t by wte[t] . ln_f(x), so with embeddings of std 0.02 the
-        # logits start with spread 0.02 sqrt(C) and can reach 0.02 C: 0.55 and 15 for GPT-2 (C = 768), 0.32 and 5
-        # at C = 256, too little to single out one token of 4,096 (a copy from a neighbour) until the embeddings
-        # grow. The final norm's gain starts at sqrt(768 / C) (at least 1): GPT-2's logit scale at every width.
+        # deviation 7: the tied output layer scores token t by wte[t] . ln_f(x): with embeddings of std 0.02 the
+        # logits can reach 0.02 C, 15 for GPT-2 (C = 768) but 5 at C = 256, too little to single out one token of
+        # 4,096 (a copy) until the embeddings grow. A gain of sqrt(768 / C) gives GPT-2's scale at every width.
         nn.init.constant_(self.ln_f.weight, max(1.0, math.sqrt(768 / cfg.n_embd)))
         for block in self.blocks:
             if block.cca is not None and cfg.cca_induction:
@@ -593,9 +579,8 @@ class RETRO(nn.Module):
     # ---- training helpers ----
 
     def set_trainable(self, decoder: bool = True, retrieval: bool = True):
-        """Choose what learns. The baseline (retrieval=False) leaves the neighbour encoder and CCA unused.
-        RETRO-fitting (decoder=False, section 4.2) keeps a pre-trained decoder frozen and trains only the
-        neighbour encoder and the chunked cross-attention layers (with their norms)."""
+        """Choose what learns. The baseline (retrieval=False) leaves the neighbour encoder and CCA unused;
+        RETRO-fitting (decoder=False, section 4.2) trains only them (with their norms), the decoder frozen."""
         for name, p in self.named_parameters():
             is_retrieval = name.startswith("encoder.") or ".cca." in name or ".ln_cca." in name
             p.requires_grad = retrieval if is_retrieval else decoder

@@ -1182,34 +1182,49 @@ def train_error(capsys, *argv):
     return msg
 
 
-def test_bad_runs_fail_with_one_clear_line(trained, multi_db, tmp_path, capsys):
-    out, _ = trained
-    common = ["--data", multi_db.text, "--db", multi_db.out, *TINY_MODEL]
-    assert "no checkpoint" in train_error(capsys, *common, "--out_dir", str(tmp_path), "--sample", "x")
-    assert "no checkpoint" in train_error(capsys, *common, "--out_dir", str(tmp_path), "--resume")
-    assert "another model config" in train_error(capsys, *common, "--out_dir", str(out), "--resume", "--n_embd", "48")
-    msg = train_error(capsys, "--data", multi_db.text, "--db", multi_db.out, *TINY_MODEL, "--chunk_len", "8")
-    assert "build_db.py" in msg and "--chunk_len 8" in msg
-    other = small_db(tmp_path, "other", bible_books(30, 56, 63))              # another text, another tokenizer
-    assert "was trained with tokenizer" in train_error(capsys, "--data", other.text, "--db", other.out, *TINY_MODEL,
-                                                       "--out_dir", str(out), "--sample", "x")
-    assert "no such file" in train_error(capsys, "--data", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path))
-    assert "multiple of --chunk_len" in train_error(capsys, *common, "--block_size", "40")
-    assert "do not fit together" in train_error(capsys, *common, "--n_head", "3")
-    assert "do not fit together" in train_error(capsys, *common, "--cca_layers", "0,7")
-    if not torch.cuda.is_available():
-        assert "not available" in train_error(capsys, *common, "--device", "cuda")
-    assert "not a device" in train_error(capsys, *common, "--device", "gpu")
-    for flag, value in [("--eval_interval", "0"), ("--batch_size", "0"), ("--grad_accum", "0"), ("--chunk_len", "0")]:
-        assert f"{flag} must be at least 1" in train_error(capsys, *common, flag, value)
-    for flag in ("--n_neighbours", "--temperature", "--max_new_tokens"):
-        assert f"{flag} cannot be negative" in train_error(capsys, *common, flag, "-1")
-    for not_a_checkpoint in (tmp_path, Path(multi_db.text)):
-        assert "is not a checkpoint" in train_error(capsys, *common, "--retrofit", str(not_a_checkpoint))
-    assert "is a file" in train_error(capsys, "--data", multi_db.text, "--db", multi_db.text, *TINY_MODEL)
-    resume = [*common, "--out_dir", str(out), "--resume"]                  # the trained run is at step 40
-    assert "past --max_iters 10" in train_error(capsys, *resume, "--max_iters", "10")
-    assert "resume with --retrofit '' --n_neighbours 2" in train_error(capsys, *resume, "--n_neighbours", "0")
+# name: (flags after --data/--db of the test database and the tiny model's; {out} is the trained run, {tmp} an
+# empty folder, {text} the test text, {other} a database of another text), words the one line must hold (or a
+# tuple of them)
+BAD_RUNS = {
+    "sample without a checkpoint": (["--out_dir", "{tmp}", "--sample", "x"], "no checkpoint"),
+    "resume without a checkpoint": (["--out_dir", "{tmp}", "--resume"], "no checkpoint"),
+    "resume with other model flags": (["--out_dir", "{out}", "--resume", "--n_embd", "48"], "another model config"),
+    "a database of another chunk length": (["--chunk_len", "8"], ("python build_db.py", "--chunk_len 8")),
+    "a database with another tokenizer": (["--db", "{other}", "--out_dir", "{out}", "--sample", "x"],
+                                          "was trained with tokenizer"),
+    "a missing text": (["--data", "{tmp}/missing.txt", "--db", "", "--out_dir", "{tmp}"], "no such file"),
+    "a block that is not whole chunks": (["--block_size", "40"], "multiple of --chunk_len"),
+    "heads that do not divide the width": (["--n_head", "3"], "do not fit together"),
+    "a CCA layer past the last": (["--cca_layers", "0,7"], "do not fit together"),
+    "a device that is no device": (["--device", "gpu"], "not a device"),
+    "no eval interval": (["--eval_interval", "0"], "--eval_interval must be at least 1"),
+    "no batch": (["--batch_size", "0"], "--batch_size must be at least 1"),
+    "no micro-steps": (["--grad_accum", "0"], "--grad_accum must be at least 1"),
+    "no chunk": (["--chunk_len", "0"], "--chunk_len must be at least 1"),
+    "negative neighbours": (["--n_neighbours", "-1"], "--n_neighbours cannot be negative"),
+    "negative temperature": (["--temperature", "-1"], "--temperature cannot be negative"),
+    "negative new tokens": (["--max_new_tokens", "-1"], "--max_new_tokens cannot be negative"),
+    "a folder to retrofit": (["--retrofit", "{tmp}"], "is not a checkpoint"),
+    "a text to retrofit": (["--retrofit", "{text}"], "is not a checkpoint"),
+    "a file as the database": (["--db", "{text}"], "is a file"),
+    "resume past the last step": (["--out_dir", "{out}", "--resume", "--max_iters", "10"], "past --max_iters 10"),
+    "resume training other parameters": (["--out_dir", "{out}", "--resume", "--n_neighbours", "0"],
+                                         "resume with --retrofit '' --n_neighbours 2"),
+    "a share of chunks above 1": (["--synthetic", "1.5"], "is a share of chunks"),
+}
+if not torch.cuda.is_available():
+    BAD_RUNS["a device this machine lacks"] = (["--device", "cuda"], "not available")
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_a_bad_run_fails_with_one_clear_line(case, trained, multi_db, tmp_path, capsys):
+    flags, words = BAD_RUNS[case]
+    names = dict(out=str(trained[0]), tmp=str(tmp_path), text=multi_db.text)
+    if "{other}" in flags:                                   # another text, another tokenizer
+        names["other"] = small_db(tmp_path, "other", bible_books(30, 56, 63)).out
+    argv = ["--data", multi_db.text, "--db", multi_db.out, *TINY_MODEL, *(f.format(**names) for f in flags)]
+    msg = train_error(capsys, *argv)
+    assert all(w in msg for w in ((words,) if isinstance(words, str) else words)), msg
 
 
 def test_eval_only_repeats_the_evaluation_at_the_end_of_training(trained, multi_db):

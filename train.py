@@ -546,8 +546,9 @@ def build_model(cfg: TrainConfig, db: build_db.Database, device: str) -> tuple:
     return model, optimizer, ckpt["iter"]
 
 
-def train(cfg: TrainConfig) -> dict:
-    # ---- the machine: torchrun or not, device, precision; the database (process 0 builds it) ----
+def machine(cfg: TrainConfig) -> tuple:
+    """torchrun or not (DDP: nccl on GPUs, gloo on CPUs), the device and the number format of products:
+    (ddp, rank, world size, device, dtype, why that dtype)."""
     ddp, rank, world = "RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = build_db.resolve_device(cfg.device)
     if build_db.is_server(cfg.db):
@@ -557,19 +558,22 @@ def train(cfg: TrainConfig) -> dict:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return (ddp, rank, world, device, *build_db.resolve_dtype(cfg.dtype, device))
+
+
+def train(cfg: TrainConfig) -> dict:
+    ddp, rank, world, device, dtype, dtype_why = machine(cfg)
     master, device_type = rank == 0, device.split(":")[0]
     print0 = print if master else (lambda *a, **k: None)
-    dtype, dtype_why = build_db.resolve_dtype(cfg.dtype, device)
     ctx = autocast(device, dtype)                   # the weights and AdamW's state stay fp32 whatever dtype is
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if master:
-        db = prepare_db(cfg)
+    db = prepare_db(cfg) if master else None        # process 0 builds the database if it must; then the others
     if ddp:
         try:
             torch.distributed.barrier()
         except RuntimeError:                          # process 0 failed, and said why
             sys.exit(1)
-    db = db if master else prepare_db(cfg)
+    db = db or prepare_db(cfg)
     data = Data(db, cfg)
     # ---- model, optimizer, resume ----
     model, optimizer, start = build_model(cfg, db, device)
@@ -586,10 +590,7 @@ def train(cfg: TrainConfig) -> dict:
            f"K={cfg.n_neighbours}; {world} process(es) on {device}, {dtype_why}; {tokens_per_step:,} tokens per step" +
            (f"; MFU against {peak / 1e12:.3g} TFLOP/s" if peak else ""))
     if cfg.n_neighbours:              # measured before training: what retrieval can do for this text
-        share = db.meta.get("overlap")
-        if share is None:             # a database built before the measurement existed
-            share = build_db.overlap(data.tokens["val"], data.neighbours["val"], cfg.chunk_len, db.meta["pad_id"])
-        print0(f"retrieval outlook: {build_db.outlook(share)}")
+        print0(f"retrieval outlook: {build_db.outlook(db.overlap())}")
 
     # ---- training: gradient accumulation; process 0 evaluates and saves ----
     history = {"loss": {}, "val": {}}               # step -> training loss, step -> evaluation
@@ -624,10 +625,9 @@ def train(cfg: TrainConfig) -> dict:
         train_time += time.time() - t0
         if log:
             dt = train_time / (it + 1 - start)
+            mfu = f"MFU {flops_per_step / dt / peak:.1%}, " if peak else ""
             print0(f"step {it + 1}/{cfg.max_iters}: loss {history['loss'][it + 1]:.4f}, lr {lr:.2e}, "
-                   f"{tokens_per_step / dt:,.0f} tokens/s, " + (f"MFU {flops_per_step / dt / peak:.1%}, " if peak
-                                                                 else "") +
-                   f"{dt * (cfg.max_iters - it - 1) / 60:.1f} min left")
+                   f"{tokens_per_step / dt:,.0f} tokens/s, {mfu}{dt * (cfg.max_iters - it - 1) / 60:.1f} min left")
     # ---- the end: a checkpoint, the whole validation set, the oracle check, a sample ----
     if master:
         save_checkpoint(ckpt_path, raw_model, optimizer, cfg, cfg.max_iters, db.meta)
