@@ -545,6 +545,17 @@ def test_edited_copies_teach_a_model_whose_real_neighbours_never_help_to_read_on
         assert loss > 0.9 * math.log(V4K), f"loss {loss:.2f}: a model trained without edited copies read it"
 
 
+def test_synthetic_auto_gives_edited_copies_where_the_database_rarely_holds_what_follows(multi_db):
+    """--synthetic auto: edited copies where the retrieval outlook is below 50% (a model would learn to ignore its
+    neighbours there), none where real neighbours hold what follows (the quick start), none without retrieval."""
+    db, cfg = build_db.open_db(multi_db.out), train.TrainConfig(block_size=DB_SEQ, chunk_len=DB_M)
+    assert cfg.synthetic == "auto" and db.overlap() < 0.5
+    rich = replace(db, meta={**db.meta, "overlap": 0.81})
+    assert train.Data(db, cfg).synthetic == train.SYNTHETIC_AUTO > 0
+    assert train.Data(rich, cfg).synthetic == 0 == train.Data(db, replace(cfg, n_neighbours=0)).synthetic
+    assert train.Data(rich, replace(cfg, synthetic="0.25")).synthetic == 0.25
+
+
 def test_edited_copies_hold_the_chunks_continuation_in_other_tokens_and_only_in_training(multi_db):
     cfg = train.TrainConfig(block_size=DB_SEQ, chunk_len=DB_M, batch_size=4, n_neighbours=2)
     meta = build_db.load_meta(multi_db.out)

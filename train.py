@@ -54,7 +54,8 @@ class TrainConfig:
     vocab_size: int = 4096          # BPE vocabulary, if the database has to be built
     n_neighbours: int = 2           # K neighbours per chunk; 0 trains the same decoder without retrieval
     retrofit: str = ""              # a baseline checkpoint: freeze its decoder, train encoder + CCA only
-    synthetic: float = 0.0          # training: share of chunks whose last neighbour is an edited copy of their text
+    synthetic: str = "auto"         # training: share of chunks whose last neighbour is an edited copy of their
+                                    # continuation; auto: 0.5 where the database's retrieval outlook is below 50%
     # optimisation (paper, appendix C.1: AdamW, weight decay 0.1, warm-up, cosine decay to 10%)
     batch_size: int = 8             # sequences per micro-step and process
     grad_accum: int = 1             # micro-steps per optimizer step
@@ -94,8 +95,8 @@ class TrainConfig:
         for name in ("n_neighbours", "max_iters", "max_new_tokens", "temperature", "top_k", "dropout", "learning_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} cannot be negative ({getattr(self, name)})")
-        if not 0 <= self.synthetic <= 1:
-            raise ValueError(f"--synthetic {self.synthetic} is a share of chunks: from 0 to 1")
+        if self.synthetic != "auto" and not 0 <= (float(self.synthetic) if is_number(self.synthetic) else -1) <= 1:
+            raise ValueError(f"--synthetic {self.synthetic} is a share of chunks: auto, or from 0 to 1")
         if self.block_size % self.chunk_len:
             raise ValueError(f"--block_size {self.block_size} must be a multiple of --chunk_len {self.chunk_len}")
         model_config(self, {"vocab_size": self.vocab_size, "pad_id": 0})   # bad model flags fail now
@@ -110,6 +111,13 @@ def model_config(cfg: TrainConfig, meta: dict) -> RetroConfig:
         raise ValueError(f"the model flags do not fit together: {e}") from None
 
 
+def is_number(text) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def fail(msg):
     sys.exit(f"train.py: error: {msg}" if os.environ.get("RANK", "0") == "0" else 1)   # torchrun: rank 0 says it
 
@@ -121,6 +129,7 @@ class Data:
 
     def __init__(self, db: build_db.Database, cfg: TrainConfig):
         self.cfg, self.meta, self.M, self.tokenizer = cfg, db.meta, cfg.chunk_len, db.tokenizer
+        self.synthetic = synthetic_share(cfg, db)
         self.tokens, self.neighbours = db.tokens, dict(db.neighbours)
         # bytes of text behind each token, for bits per byte: a byte-level BPE token is one character per byte
         special = (db.meta["pad_id"], db.meta["eot_id"])
@@ -152,8 +161,8 @@ class Data:
         rng = np.random.default_rng([self.cfg.seed, it, micro, rank])
         starts = rng.integers(0, self.n_starts(split), self.cfg.batch_size)
         x, y, nb = self.sequences(split, starts)
-        if split == "train" and self.cfg.synthetic and nb is not None:
-            add_edited_copies(nb, self.tokens["train"], starts, self.M, self.cfg.synthetic, rng, self.meta["pad_id"],
+        if split == "train" and self.synthetic and nb is not None:
+            add_edited_copies(nb, self.tokens["train"], starts, self.M, self.synthetic, rng, self.meta["pad_id"],
                               self.meta["eot_id"])
         return x, y, nb
 
@@ -164,6 +173,19 @@ class Data:
         if n_batches and n_batches < len(batches):
             batches = [batches[i] for i in np.linspace(0, len(batches) - 1, n_batches).astype(int)]
         return batches
+
+
+SYNTHETIC_AUTO = 0.5                # --synthetic auto's share, where the database rarely holds what follows a chunk
+
+
+def synthetic_share(cfg: TrainConfig, db: build_db.Database) -> float:
+    """--synthetic as a share of chunks. auto: SYNTHETIC_AUTO where fewer than half the held-out chunks retrieve
+    neighbours that hold what follows them (Database.overlap: the KJV alone 13%, Austen 2%; a model trained there
+    learns to ignore its neighbours, and a database grown later is wasted), 0 where more do (the quick start's
+    81%: real neighbours teach it to read)."""
+    if cfg.synthetic != "auto":
+        return float(cfg.synthetic)
+    return SYNTHETIC_AUTO if cfg.n_neighbours and db.overlap() < 0.5 else 0.0
 
 
 def edited_copy(stream, at: int, n: int, rng, pad: int, eot: int, noise: float = 0.1, shift: int = 0) -> np.ndarray:
@@ -591,6 +613,9 @@ def train(cfg: TrainConfig) -> dict:
            (f"; MFU against {peak / 1e12:.3g} TFLOP/s" if peak else ""))
     if cfg.n_neighbours:              # measured before training: what retrieval can do for this text
         print0(f"retrieval outlook: {build_db.outlook(db.overlap())}")
+    if data.synthetic:
+        print0(f"edited copies (--synthetic {cfg.synthetic}): {data.synthetic:.0%} of training chunks read an edited "
+               f"copy of their continuation as their last neighbour, so that the model learns to read its neighbours")
 
     # ---- training: gradient accumulation; process 0 evaluates and saves ----
     history = {"loss": {}, "val": {}}               # step -> training loss, step -> evaluation
