@@ -130,7 +130,7 @@ class Data:
     def __init__(self, db: build_db.Database, cfg: TrainConfig):
         self.cfg, self.meta, self.M, self.tokenizer = cfg, db.meta, cfg.chunk_len, db.tokenizer
         self.synthetic = synthetic_share(cfg, db)
-        self.tokens, self.neighbours = db.tokens, dict(db.neighbours)
+        self.tokens, self.neighbours = db.tokens, dict(db.neighbours)      # a copy: retrieve_val replaces one
         # bytes of text behind each token, for bits per byte: a byte-level BPE token is one character per byte
         special = (db.meta["pad_id"], db.meta["eot_id"])
         self.token_bytes = torch.tensor([0 if i in special else len(db.tokenizer.id_to_token(i))
@@ -265,20 +265,20 @@ def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu"):
     return {mode: v / n for mode, v in total.items()}
 
 
-def report(r: dict, probe: dict, meta: dict, print0=print):
+def report(r: dict, probe: dict, meta: dict):
     """The end of a run, in words: held-out bits per byte with the retrieved neighbours and with them withheld
     (the same weights), and what the oracle check says about whether the model reads them."""
     (on, off), n = (r["on"][1], r["off"][1]), meta["n_val_documents"]
-    print0(f"held-out text: {n} document{'s' * (n > 1)} never trained on ({meta['n_val_tokens']:,} tokens)")
+    print(f"held-out text: {n} document{'s' * (n > 1)} never trained on ({meta['n_val_tokens']:,} tokens)")
     if probe is None:
-        print0(f"  bits per byte (no retrieval)                                    {on:.4f}")
+        print(f"  bits per byte (no retrieval)                                    {on:.4f}")
         return
-    print0(f"  bits per byte with the retrieved neighbours (RETRO[ON])         {on:.4f}")
-    print0(f"  bits per byte, neighbours withheld, same weights (RETRO[OFF])   {off:.4f}   ON is {on / off - 1:+.1%}")
+    print(f"  bits per byte with the retrieved neighbours (RETRO[ON])         {on:.4f}")
+    print(f"  bits per byte, neighbours withheld, same weights (RETRO[OFF])   {off:.4f}   ON is {on / off - 1:+.1%}")
     fall = 1 - probe["oracle"] / probe["none"]
     verdict = ("the model reads its neighbours" if fall >= 0.1 else "it reads them a little" if fall >= 0.02
                else "it hardly reads its neighbours")
-    print0(f"  oracle check: given the true continuation as its neighbour, the loss falls by {fall:.0%}: {verdict}")
+    print(f"  oracle check: given the true continuation as its neighbour, the loss falls by {fall:.0%}: {verdict}")
 
 
 def log_eval(path: Path, step: int, r: dict, tokens_per_step: int, final: bool = False, **extra):

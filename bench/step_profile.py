@@ -4,6 +4,7 @@ step, from the database), its model, loss, gradient clipping and AdamW, each pha
 
     python bench/step_profile.py --db data/text+web                # train.py's default model and batches
     python bench/step_profile.py --db data/text+web --fixed         # + one fixed random batch, as bench_dtype.py
+    python bench/step_profile.py --db data/text+web --dtypes float32  # one format alone, no alternation
 
 Each format trains its own copy of the model (the same initial weights) for --steps steps after --warmup, the
 formats alternating step by step so that both see the same machine; medians per phase. With --fixed, two more
@@ -55,7 +56,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--fixed", action="store_true", help="also time one fixed random batch")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="the formats, alternating step by step")
+    p.add_argument("--flush_denormal", action="store_true", help="torch.set_flush_denormal(True) first")
+    p.add_argument("--ops", type=int, default=0, help="then profile one step of each format: its N costliest ops")
     args = p.parse_args(argv)
+    torch.set_flush_denormal(args.flush_denormal)
     cfg = train.TrainConfig()
     db = build_db.open_db(args.db)
     data = train.Data(db, cfg)
@@ -63,7 +68,7 @@ def main(argv=None):
     B, T, M, K, V = cfg.batch_size, cfg.block_size, cfg.chunk_len, cfg.n_neighbours, db.meta["vocab_size"]
     fixed = tuple(torch.randint(1, V, s, generator=g) for s in ((B, T), (B, T), (B, T // M, K, 2 * M)))
     variants = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
         for kind in ("real", "fixed") if args.fixed else ("real",):
             model, optimizer, _ = train.build_model(cfg, db, "cpu")
             steps = itertools.count(1)              # each format reads the same batches, as train.py's steps 1, 2, ...
@@ -82,6 +87,11 @@ def main(argv=None):
         med = {ph: statistics.median(t[ph] for t in ts) for ph in PHASES}
         total = statistics.median(sum(t.values()) for t in ts)
         print(f"{v:14s}" + "".join(f"{med[ph]:10.3f}" for ph in PHASES) + f"{total:10.3f}{B * T / total:10,.0f}")
+    for v, (model, optimizer, batch, ctx) in variants.items() if args.ops else ():
+        with torch.profiler.profile() as prof:
+            step(model, optimizer, batch, ctx, cfg.grad_clip)
+        print(f"\n{v}: the {args.ops} ops with the most time of their own in one step")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops, max_name_column_width=40))
 
 
 if __name__ == "__main__":
