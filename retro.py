@@ -419,7 +419,9 @@ class RETRO(nn.Module):
         """GPT-2's initialisation (normal 0.02, residual branches' outputs scaled down with depth), then the two
         deviations that are initialisations: the final norm's gain (7) and CCA as an induction head (8)."""
         cfg = self.config
-        self.apply(self._init_weights)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
         # GPT-2: scale each residual branch's output so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
@@ -441,11 +443,6 @@ class RETRO(nn.Module):
                     attn.proj.weight.mul_(0.02)
         if isinstance(self.encoder.emb_in, nn.Linear):     # a random projection that keeps the embeddings' norm
             nn.init.normal_(self.encoder.emb_in.weight, std=1 / math.sqrt(cfg.n_embd))
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
 
     def embed(self, idx):
         """Token embeddings as they enter the residual stream, multiplied by sqrt(C) (deviation 9)."""

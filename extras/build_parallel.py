@@ -109,6 +109,7 @@ def main(argv=None):
                 except build_db.DBError:                            # process 0 says what failed
                     pass
     finally:
+        dist.barrier()                  # all leave together: a group torn down by one process alone can abort
         dist.destroy_process_group()
     sys.exit(1 if failed else 0)
 
