@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import build_db  # noqa: E402
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-local_embed_chunks, local_find_neighbours = build_db.embed_chunks, build_db.find_neighbours
+local_find_neighbours = build_db.find_neighbours         # process 0 replaces it with the version below
 
 
 @functools.lru_cache(maxsize=1)
