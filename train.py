@@ -612,11 +612,9 @@ def train(cfg: TrainConfig) -> dict:
            f"K={cfg.n_neighbours}; {world} process(es) on {device}, {dtype_why}; {tokens_per_step:,} tokens per step" +
            (f"; MFU against {peak / 1e12:.3g} TFLOP/s" if peak else ""))
     if cfg.n_neighbours:              # measured before training: what retrieval can do for this text
-        print0(f"retrieval outlook: {build_db.outlook(db.overlap())}")
-    if data.synthetic:
-        print0(f"edited copies (--synthetic {cfg.synthetic}): {data.synthetic:.0%} of training chunks read an edited "
-               f"copy of their continuation as their last neighbour, so that the model learns to read its neighbours")
-
+        copies = f"; so {data.synthetic:.0%} of training chunks read an edited copy of their continuation " \
+                 f"(--synthetic {cfg.synthetic})" if data.synthetic else ""
+        print0(f"retrieval outlook: {build_db.outlook(db.overlap())}{copies}")
     # ---- training: gradient accumulation; process 0 evaluates and saves ----
     history = {"loss": {}, "val": {}}               # step -> training loss, step -> evaluation
     ckpt_path, log_path = Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.jsonl"   # log: one JSON line
