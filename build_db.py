@@ -675,13 +675,14 @@ def prepare_source(out: Path, text: str, docs: list, tok, key: str, embedder, M:
                    force: bool = False) -> dict:
     """A retrieval-only text's token stream and chunk embeddings: files that exist for its key are reused."""
     tokens, emb = out / "sources" / f"{key}_tokens.npy", out / "sources" / f"{key}_emb.npy"
-    if force or not (tokens.exists() and emb.exists()):
+    redo = force or not (tokens.exists() and emb.exists())
+    if redo:
         tokens.parent.mkdir(exist_ok=True)
         save(tokens, token_stream(tok, docs, M))
-        stream = np.load(tokens, mmap_mode="r")
+    stream = np.load(tokens, mmap_mode="r")     # the file's memmap: extras/build_parallel.py hands on its name
+    if redo:
         print(f"embedding {len(stream) // M:,} chunks of {text} on {embedder().device}")
         embed_chunks(embedder(), tok, stream, M, batch_size, emb, f"embed {Path(text).name}")
-    stream = np.load(tokens, mmap_mode="r")
     return dict(text=str(text), key=key, n_documents=len(docs), n_chunks=len(stream) // M,
                 n_tokens=int((stream != tok.token_to_id(PAD)).sum()))
 
@@ -739,7 +740,7 @@ def build(cfg: DBConfig) -> dict:
         # 3. embed every chunk with the frozen BERT
         print(f"embedding {len(train) // M + len(val) // M:,} chunks with {cfg.bert} on {embedder().device} "
               f"({embedder().dtype_why})")
-        for split in ("train", "val"):
+        for split in ("train", "val"):          # the streams read back as memmaps of their files, as prepare_source
             embed_chunks(embedder(), tok, np.load(out / f"{split}_tokens.npy", mmap_mode="r"), M, cfg.batch_size,
                          out / f"{split}_emb.npy", f"embed {split}")
     else:

@@ -65,7 +65,7 @@ class BadRequest(Exception):
 
 
 def parse_query(body: bytes, meta: dict) -> dict:
-    """A /neighbours request body -> Retriever.query's arguments, or BadRequest naming what is wrong."""
+    """A /neighbours request body -> Batcher.query's arguments, or BadRequest naming what is wrong."""
     M, V, K = meta["corpus"]["chunk_len"], meta["vocab_size"], meta["retrieval"]["k"]
     try:
         q = json.loads(body)
@@ -82,7 +82,7 @@ def parse_query(body: bytes, meta: dict) -> dict:
     items = q[name]
     if not isinstance(items, list) or not items or len(items) > MAX_CHUNKS:
         raise BadRequest(400, f'"{name}" must be a list of 1 to {MAX_CHUNKS} {name}')
-    if name == "texts":                 # Retriever.query checks them, as it does for every caller
+    if name == "texts":                 # Retriever.check checks them, as it does for every caller
         return dict(texts=items, k=k)
     for i, c in enumerate(items):
         if not isinstance(c, list) or len(c) != M or not all(type(t) is int for t in c):
@@ -140,7 +140,7 @@ def make_server(db, host: str = "127.0.0.1", port: int = 8000, device: str = "au
                     raise BadRequest(408, f"the body's {size} bytes did not arrive within {self.timeout} s") from None
                 r = retriever.query(**parse_query(body, meta))
                 self.answer(200, {name: v.tolist() for name, v in r.items()})
-            except (BadRequest, ValueError) as e:      # ValueError: Retriever.query refused its arguments
+            except (BadRequest, ValueError) as e:      # ValueError: Retriever.check refused the arguments
                 self.answer(getattr(e, "code", 400), {"error": str(e)})
             except Exception as e:                      # a bug, not the request's fault: say so, and serve on
                 self.answer(500, {"error": f"{type(e).__name__}: {e}"})
