@@ -6,9 +6,9 @@ Build RETRO's retrieval database from a text, and retrieve from it (section 2.3 
     python build_db.py text.txt --retrieval_texts web.txt,more/    # also retrieve from texts never trained on
     python build_db.py --add news.jsonl --out data/text            # grow a database, e.g. after training
     python build_db.py other.txt --tokenizer data/text             # a database for a model trained on data/text
-    python build_db.py --show "And God said" --out data/text       # a text's nearest chunks; or --show train:120
-Extras: `python extras/server.py DB` serves a database over HTTP; `torchrun --nproc_per_node=N
-extras/build_parallel.py TEXT` builds one in N processes (the same files).
+Extras: `python extras/show.py "And God said"` prints a text's nearest chunks (or a chunk's stored neighbours);
+`python extras/server.py DB` serves a database over HTTP; `torchrun --nproc_per_node=N extras/build_parallel.py
+TEXT` builds one in N processes (the same files).
 
 Input: a UTF-8 text file whose documents are separated by lines holding only <|endoftext|>, a folder of .txt
 files, or a .jsonl file ("text" field); every val_every-th document is held out (one document: its last ~10%).
@@ -86,7 +86,6 @@ class DBConfig:
     device: str = "auto"            # embedder device: auto (cuda, mps, cpu), or a torch device
     dtype: str = "auto"             # embedder products: auto (bf16 on CUDA and CPUs with AMX), float32, bfloat16
     force: bool = False             # rebuild even if the database is up to date
-    show: str = ""                  # print the neighbours of this text, or of train:N / val:N, in --out (or a server)
 
     def __post_init__(self):
         for bad, msg in [(min(self.chunk_len, self.k, self.batch_size) < 1, "--chunk_len, --k and --batch_size must "
@@ -116,7 +115,8 @@ def cli(config_class, prog: str, description: str, argv=None):
     """A command line generated from a dataclass: every field is a --flag, with its default and its comment as
     help; the first field may also be given as a positional argument. A config that refuses its values (its
     __post_init__ raises ValueError) is one line: prog: error: why."""
-    helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(config_class), re.M))
+    helps = {k: v for c in reversed(config_class.__mro__[:-1])                  # a subclass's fields too
+             for k, v in re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(c), re.M)}
     p = argparse.ArgumentParser(prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     first = fields(config_class)[0]
     p.add_argument(first.name + "_pos", nargs="?", metavar=first.name.upper(), help=f"same as --{first.name}")
@@ -845,7 +845,7 @@ def index_and_neighbours(out: Path, meta: dict, generation: int, index=None) -> 
     return meta
 
 
-# ---- retrieval for new text: in this process, or from a server -------------------------------------------
+# ---- retrieval for new text ------------------------------------------------------------------------------
 
 class Retriever:
     """Neighbours for chunks of new tokens, from the database's chunks (training and retrieval-only): the
@@ -902,58 +902,6 @@ class Retriever:
         return torch.as_tensor(tokens, device=getattr(chunks, "device", None))
 
 
-class RemoteRetriever(Retriever):
-    """A Retriever whose database is served by `python extras/server.py` at url (http://host:port): the
-    same neighbours, token for token; the database's metadata and tokenizer come from the server too."""
-
-    def __init__(self, url: str, timeout: float = 120):
-        self.url, self.timeout = url.rstrip("/"), timeout
-        self.meta = meta = self.request("/meta")
-        self.M, self.k = meta["corpus"]["chunk_len"], meta["retrieval"]["k"]
-        text = self.request("/tokenizer.json")
-        if tokenizer_hash(None, text) != meta["tokenizer_sha256"]:
-            raise DBError(f"{self.url} sent a tokenizer that does not match its metadata: restart the server")
-        self.tokenizer = Tokenizer.from_str(text)
-
-    def request(self, path: str, body: dict = None):
-        import urllib.error
-        import urllib.request
-        data = None if body is None else json.dumps(body).encode()
-        try:
-            with urllib.request.urlopen(urllib.request.Request(self.url + path, data, {
-                    "Content-Type": "application/json"}), timeout=self.timeout) as r:
-                answer = r.read().decode()
-        except urllib.error.HTTPError as e:
-            raise DBError(f"{self.url}{path} answered {e.code}: {e.read().decode(errors='replace').strip()}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise DBError(f"cannot reach a retrieval server at {self.url} ({getattr(e, 'reason', e)}): start one "
-                          f"with python extras/server.py DB --port PORT") from None
-        return answer if path == "/tokenizer.json" else json.loads(answer)
-
-    def query(self, chunks=None, texts=None, k: int = None) -> dict:
-        key, items = ("chunks", chunks.tolist()) if texts is None else ("texts", list(texts))
-        k, most = self.k if k is None else k, self.meta["server"]["max_chunks"]
-        out = dict(ids=np.zeros((0, k), np.int64), distances=np.zeros((0, k), np.float32),
-                   neighbours=np.zeros((0, k, 2 * self.M), np.int64))
-        for i in range(0, len(items), most):                    # as many requests as the server's limit needs
-            r = self.request("/neighbours", {key: items[i:i + most], "k": k})
-            out = {name: np.concatenate((a, np.array(r[name], a.dtype).reshape(-1, *a.shape[1:])))
-                   for name, a in out.items()}
-        return out
-
-
-def is_server(db) -> bool:
-    """Is db the address of a retrieval server (python extras/server.py) rather than a database folder?"""
-    return str(db).startswith(("http://", "https://"))
-
-
-def connect(db, device: str = "auto") -> Retriever:
-    """A database folder, or the http://host:port address of a server: a Retriever either way."""
-    return RemoteRetriever(str(db)) if is_server(db) else Retriever(db, device)
-
-
-# ---- a look inside: python build_db.py --show TEXT, or --show train:N / val:N ------------------------------
-
 def source_of(meta: dict, i: int) -> tuple:
     """Chunk number i -> (the text it comes from, its chunk number there): ("training text", i) for the training
     chunks, (path, j) for a retrieval-only text's, (None, i) for none."""
@@ -967,51 +915,13 @@ def source_of(meta: dict, i: int) -> tuple:
     return None, i
 
 
-def show(cfg: DBConfig):
-    """Print what retrieval finds: for a text, each of its chunks' K nearest chunks (a database folder or a
-    server's address); for train:N or val:N, the neighbours stored for that chunk of the stream."""
-    db = cfg.out if is_server(cfg.out) else db_dir(cfg)
-    if m := re.fullmatch(r"(train|val):\s*(-?\d+)", cfg.show.strip()):
-        (split, c), d = (m[1], int(m[2])), open_db(db)
-        meta, tok, M = d.meta, d.tokenizer, d.meta["corpus"]["chunk_len"]
-        if not 0 <= c < meta[f"n_{split}_chunks"]:
-            raise DBError(f"{db} has {meta[f'n_{split}_chunks']:,} {split} chunks: pass {split}:0 to "
-                          f"{split}:{meta[f'n_{split}_chunks'] - 1}")
-        chunks, ids = d.tokens[split][c * M:(c + 1) * M][None], d.neighbour_ids[split][c][None].astype(np.int64)
-        query = np.load(d.path / f"{split}_emb.npy", mmap_mode="r")[c].astype(np.float32)
-        dist = ((d.chunks("emb")[np.clip(ids[0], 0, None)].astype(np.float32) - query) ** 2).sum(-1)[None]
-        r, names = dict(ids=ids, distances=dist, neighbours=d.neighbours[split][c][None]), [f"{split} chunk {c}"]
-        print(f"{db}: the stored neighbours of {split} chunk {c} (what training and evaluation read)")
-    else:
-        retriever = connect(db, cfg.device)
-        meta, M, tok = retriever.meta, retriever.M, retriever.tokenizer
-        ids = tok.encode(cfg.show).ids
-        chunks = np.array([ids[i:i + M] + [meta["pad_id"]] * (M - len(ids[i:i + M])) for i in range(0, len(ids), M)])
-        if not len(chunks):
-            raise DBError("--show needs some text, or train:N / val:N")
-        r, names = retriever.query(chunks), [f"chunk {b} of the text" for b in range(len(chunks))]
-        print(f"{db}: the {retriever.k} nearest chunks of each chunk of {M} tokens of the text")
-    text = lambda t: repr(tok.decode(np.asarray(t).tolist(), skip_special_tokens=True))
-    for b in range(len(chunks)):
-        print(f"{names[b]}: {text(chunks[b])}")
-        for j, (i, dist) in enumerate(zip(r["ids"][b], r["distances"][b])):
-            source, at = source_of(meta, int(i))
-            where = f"chunk {i} ({source}{'' if at == i else f', its chunk {at}'})" if source else \
-                "none (padding)" if i < 0 else f"chunk {i} (not in this database)"
-            print(f"  neighbour {j}: {where}, distance {dist:.3f}\n    N: {text(r['neighbours'][b][j][:M])}"
-                  f"\n    F: {text(r['neighbours'][b][j][M:])}")
-
-
 def main(argv=None):
-    cfg = cli(DBConfig, "build_db.py", "Build a RETRO retrieval database from a text, grow one (--add), or look "
-                                       "inside one (--show).", argv)
+    cfg = cli(DBConfig, "build_db.py", "Build a RETRO retrieval database from a text, or grow one (--add).", argv)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.exit("build_db.py: error: it runs in one process; several: torchrun --nproc_per_node=N "
                  "extras/build_parallel.py TEXT ...")
     try:
-        if cfg.show:
-            show(cfg)
-        elif (meta := build(cfg)).get("overlap") is not None:
+        if (meta := build(cfg)).get("overlap") is not None:
             print(f"retrieval outlook: {outlook(meta['overlap'])}")
     except DBError as e:
         sys.exit(f"build_db.py: error: {e}")

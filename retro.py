@@ -37,7 +37,6 @@ Deviations from the paper (each is explained where it happens):
     9. Token embeddings enter the residual stream times sqrt(C) (Vaswani et al. 2017, section 3.4).
 """
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -106,15 +105,11 @@ class RMSNorm(nn.Module):
 
 # ---- rotary positions -------------------------------------------------------------------------------------
 
-@functools.lru_cache
-def rotary_frequencies(head_dim: int, device: torch.device, base: float = 10000.0) -> torch.Tensor:
-    """theta_j = base^(-2j / D): one angular speed per pair of dims, fast for the first pairs, slow for the last."""
-    return base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-
-
-def rotary(pos: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """exp(i * pos * theta_j) for the integer positions pos (T,): (T, D/2) complex rotations."""
-    angle = pos.float()[:, None] * rotary_frequencies(head_dim, pos.device)   # (T, D/2)
+def rotary(pos: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """exp(i * pos * theta_j) for the integer positions pos (T,): (T, D/2) complex rotations. theta_j =
+    base^(-2j / D): one angular speed per pair of dims, fast for the first pairs, slow for the last."""
+    theta = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angle = pos.float()[:, None] * theta                                       # (T, D/2)
     return torch.polar(torch.ones_like(angle), angle)
 
 
@@ -152,11 +147,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.drop = nn.Dropout(dropout)
 
+    @property
+    def p_drop(self) -> float:                          # attention dropout: in training only
+        return self.dropout if self.training else 0.0
+
     def forward(self, x, ctx, q_pos, k_pos, mask=None, is_causal=False, cache=None):
         k, v = self.keys_values(ctx, k_pos)
         if cache is not None:
             k, v = cache(k, v)                              # (B, H, start + S, D): all keys so far
-        return self.out(self.attend(self.queries(x, q_pos), k, v, mask, is_causal))
+        return self.out(attend(self.queries(x, q_pos), k, v, mask, is_causal, self.p_drop))
 
     def queries(self, x, pos):
         """pos: the positions to rotate by, or None for no rotary (CCA with its own position bias)."""
@@ -172,9 +171,6 @@ class Attention(nn.Module):
         k, v = (F.linear(ctx, w).view(*lead, S, self.n_head, D).transpose(-2, -3)
                 for w in self.kv.weight.chunk(2))                                # 2 x (..., H, S, D)
         return (k if pos is None else apply_rotary(k, rotary(pos, D))), v
-
-    def attend(self, q, k, v, mask=None, is_causal=False):
-        return attend(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)
 
     def out(self, y):
         B, H, T, D = y.shape
@@ -301,7 +297,8 @@ class ChunkedCrossAttention(nn.Module):
         q = F.pad(q, (0, 0, 0, L * M - (T - M + 1)))                            # (B, H, L*M, D)
         q = q.view(B, H, L, M, -1).transpose(1, 2).flatten(0, 1)                # (B*L, H, M, D)
         k, v = (t[:, :L].flatten(0, 1) for t in self.keys_values(enc, kv_cache))  # (B*L, H, K*R, D)
-        y = self.attn.attend(q, k, v, self.mask(enc_mask[:, :L].reshape(B * L, -1), slots, q.dtype))
+        mask = self.mask(enc_mask[:, :L].reshape(B * L, -1), slots, q.dtype)   # (B*L, H or 1, M, K*R)
+        y = attend(q, k, v, mask, dropout=self.attn.p_drop)                     # (B*L, H, M, D)
         y = y.view(B, L, H, M, -1).transpose(1, 2).flatten(2, 3)[:, :, :T - M + 1]  # (B, H, T-M+1, D)
         return F.pad(self.attn.out(y), (0, 0, M - 1, 0))                        # (B, T, C)
 
@@ -314,7 +311,8 @@ class ChunkedCrossAttention(nn.Module):
         u, slot = (pos + 1) // M - 1, torch.tensor([(pos + 1) % M], device=x.device)
         q = self.attn.queries(x, None if self.bias is not None else M - 1 + slot)   # (B, H, 1, D)
         k, v = (t[:, u] for t in self.keys_values(enc, kv_cache))               # (B, H, K*R, D)
-        return self.attn.out(self.attn.attend(q, k, v, self.mask(enc_mask[:, u], slot, q.dtype)))  # (B, 1, C)
+        y = attend(q, k, v, self.mask(enc_mask[:, u], slot, q.dtype), dropout=self.attn.p_drop)
+        return self.attn.out(y)                                                 # (B, 1, C)
 
     def mask(self, enc_mask, slots, dtype):
         """enc_mask (N, K*R), True for real neighbour tokens -> a boolean mask (N, 1, 1, K*R), or with the

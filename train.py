@@ -5,10 +5,10 @@ Train RETRO on a text file, measure what retrieval buys, and sample with retriev
     python train.py --n_neighbours 0 --out_dir out/baseline     # the same decoder without retrieval
     python train.py --retrofit out/baseline/ckpt.pt --out_dir out/retrofit   # RETRO-fit that baseline
     torchrun --standalone --nproc_per_node=8 train.py # several GPUs, with PyTorch DDP
-    python train.py --sample "Mat5:3 Blessed are" --show_neighbours       # generate from out/ckpt.pt
+    python train.py --sample "Mat5:3 Blessed are"     # generate from out/ckpt.pt, with retrieval
     python train.py --eval_only --db data/kjv_web     # evaluate out/ckpt.pt with another database
-    python train.py --sample "And God said" --db http://127.0.0.1:8000 --choose_neighbours  # a served database;
-                                                      # keep or type each chunk's neighbours
+Extras: `python extras/sample.py` samples with each chunk's neighbours shown, chosen or typed, and samples or
+evaluates with a served database (extras/server.py).
 
 Every option is a field of TrainConfig below; `python train.py -h` lists them with their defaults.
 """
@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import build_db
-from build_db import PAD, SEPARATOR, DBConfig, DBError, Retriever, autocast, cli, is_unicode
+from build_db import SEPARATOR, DBConfig, DBError, Retriever, autocast, cli
 from retro import RETRO, RetroConfig
 
 
@@ -83,9 +83,6 @@ class TrainConfig:
     max_new_tokens: int = 256
     temperature: float = 0.8
     top_k: int = 50
-    show_neighbours: bool = False   # with --sample: print what was retrieved for each chunk
-    choose_neighbours: bool = False # with --sample: show each chunk's neighbours, keep them or type others
-    neighbours_file: str = ""       # with --sample: a JSON list of each chunk's neighbour texts (README)
 
     def __post_init__(self):
         for name in ("block_size", "chunk_len", "batch_size", "grad_accum", "eval_interval", "eval_iters",
@@ -307,6 +304,8 @@ def prepare_db(cfg: TrainConfig, training: bool = True) -> build_db.Database:
     """An existing --db as it is (it may hold retrieval-only texts, or have grown); else the database of
     cfg.data, built if missing, rebuilt if the text changed, with the settings it was built with (embedder,
     tokenizer size, retrieval-only texts). Training refuses one built for other shapes."""
+    if "://" in cfg.db:
+        raise DBError(f"--db {cfg.db}: train.py reads a database folder; a served one: python extras/sample.py --db URL")
     want = db_config(cfg)
     db = build_db.db_dir(want)
     if (db / "meta.json").exists():
@@ -389,75 +388,34 @@ def load_model(ckpt: dict, device: str) -> RETRO:
 
 # ---- sampling ---------------------------------------------------------------------------------------------
 
-def read_neighbours_file(path: str, K: int) -> list:
-    """--neighbours_file: a JSON list with an entry per chunk of the sequence (prompt and output, in order):
-    null retrieves as usual, a string is every neighbour's text, a list of K strings one text per neighbour."""
-    try:
-        entries = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        fail(f"--neighbours_file {path}: {e}")
-    for u, e in enumerate(entries if isinstance(entries, list) else [0]):
-        if not (e is None or isinstance(e, str) and is_unicode(e) or isinstance(e, list) and len(e) == K
-                and all(isinstance(t, str) and is_unicode(t) for t in e)):
-            fail(f"--neighbours_file {path}: entry {u} must be null, a string, or a list of {K} strings "
-                 f"(the file is a JSON list with one entry per chunk)")
-    return [[e] * K if isinstance(e, str) else e for e in entries]
-
-
-def generate(model, tok, retriever, prompt: str, cfg: TrainConfig, device: str, reads: list = None) -> str:
-    """Sample after prompt. Each time a chunk completes, its K neighbours come from the retriever (None: a model
-    without retrieval), or from --neighbours_file, or from you (--choose_neighbours); --show_neighbours prints
-    them. A neighbour's text is tokenized and cut or padded to 2M tokens: N, then F. reads, if given, gets
-    (chunk, database ids of its neighbours or None, their tokens (K, 2M)) for every chunk that retrieved."""
-    if retriever is None and (cfg.neighbours_file or cfg.choose_neighbours):
-        fail("this model was trained without retrieval (n_neighbours 0): it reads no neighbours")
-    M, K, pad = model.config.chunk_len, cfg.n_neighbours, tok.token_to_id(PAD)
-    text = lambda ids: tok.decode(ids.tolist(), skip_special_tokens=False)
-    chosen = read_neighbours_file(cfg.neighbours_file, K) if cfg.neighbours_file else []
-    as_neighbours = lambda texts: torch.tensor([[(tok.encode(t).ids + [pad] * 2 * M)[:2 * M] for t in texts]])
-    u = -1                                         # the chunk that just completed: RETRO calls retrieve in order
-
-    def retrieve(chunk):                           # (1, M) -> (1, K, 2M)
-        nonlocal u
-        u += 1
-        if u < len(chosen) and chosen[u] is not None:
-            nb, ids = as_neighbours(chosen[u]), None
-        else:
-            found = retriever.query(chunk.cpu(), k=K)
-            nb, ids = torch.as_tensor(np.asarray(found["neighbours"], dtype=np.int64)), found["ids"][0]
-        if cfg.show_neighbours or cfg.choose_neighbours:
-            print(f"--- chunk {u}: {text(chunk[0])!r}")
-            for j in range(K):
-                n, f = (t[t != pad] for t in (nb[0, j, :M], nb[0, j, M:]))      # padding not shown
-                print(f"    neighbour {j}: {text(n)!r}\n      continues: {text(f)!r}")
+def retrieval(retriever, K: int, reads: list = None):
+    """RETRO.generate's retrieve: a completed chunk (1, M) -> its K nearest chunks in the database (1, K, 2M).
+    reads, if given, gets (chunk, their chunk numbers, their tokens) for each chunk."""
+    def retrieve(chunk):
+        found = retriever.query(chunk.cpu(), k=K)
+        nb = torch.as_tensor(np.asarray(found["neighbours"], dtype=np.int64))
         if reads is not None:
-            reads.append((chunk[0].cpu(), ids, nb[0]))
-        if cfg.choose_neighbours:
-            try:
-                typed = input("    Enter keeps them; or type the text every neighbour should hold (-: none): ").strip()
-                typed = typed.encode(errors="replace").decode()     # bytes that are not UTF-8 become "?"
-            except EOFError:                       # the end of piped input: keep them, from here on
-                typed = ""
-            if not sys.stdin.isatty():
-                print(typed)                       # a transcript shows what was typed
-            if typed:
-                nb = as_neighbours(["" if typed == "-" else typed] * K)
-        return nb.to(device)
-    idx = torch.tensor([tok.encode(prompt).ids or [tok.token_to_id(SEPARATOR)]], device=device)  # "": a new document
+            reads.append((chunk[0].cpu(), found["ids"][0], nb[0]))
+        return nb.to(chunk.device)
+    return retrieve
+
+
+def generate(model, tok, prompt: str, cfg: TrainConfig, device: str, retrieve=None) -> str:
+    """Sample max_new_tokens after prompt ("": a new document). retrieve gives the neighbours of each chunk as it
+    completes (None: a model without retrieval); extras/sample.py passes one that shows them or lets you choose."""
+    idx = torch.tensor([tok.encode(prompt).ids or [tok.token_to_id(SEPARATOR)]], device=device)
     torch.manual_seed(cfg.seed)
-    out = model.generate(idx, cfg.max_new_tokens, retrieve if retriever else None, cfg.temperature, cfg.top_k or None)
-    if len(chosen) > u + 1:
-        print(f"note: --neighbours_file has {len(chosen)} entries; the sample completed {u + 1} chunks, so the last "
-              f"{len(chosen) - u - 1} were not used", file=sys.stderr)
-    return text(out[0])
+    out = model.generate(idx, cfg.max_new_tokens, retrieve, cfg.temperature, cfg.top_k or None)
+    return tok.decode(out[0].tolist(), skip_special_tokens=False)
 
 
 def sample_held_out(model, data, retriever, cfg: TrainConfig, device: str):
     """The end of a run: a sample that starts with a held-out document's first words, and the database chunk
     each completed chunk retrieved (its nearest neighbour, abridged), which the tokens after it read."""
     tok, M, reads = data.tokenizer, cfg.chunk_len, []
-    text = generate(model, tok, retriever, tok.decode(data.tokens["val"][:M // 2].tolist()), cfg, device, reads)
-    print(f"sample from a held-out document's first words{', with retrieval' if retriever else ''}:\n{text}")
+    prompt, retrieve = tok.decode(data.tokens["val"][:M // 2].tolist()), retriever and retrieval(retriever, cfg.n_neighbours, reads)
+    print(f"sample from a held-out document's first words{', with retrieval' if retriever else ''}:\n"
+          f"{generate(model, tok, prompt, cfg, device, retrieve)}")
 
     def abridge(ids) -> str:                                    # one line of at most 60 characters
         text = " ".join(tok.decode([i for i in ids.tolist() if i != data.meta["pad_id"]]).split())
@@ -465,51 +423,41 @@ def sample_held_out(model, data, retriever, cfg: TrainConfig, device: str):
     if reads:
         print(f"what each chunk of {M} tokens retrieved (its nearest neighbour), read by the tokens after it:")
     for u, (chunk, ids, nb) in enumerate(reads):
-        source = "your neighbour" if ids is None else Path(build_db.source_of(data.meta, int(ids[0]))[0] or
-                                                           "nothing").name
+        source = Path(build_db.source_of(data.meta, int(ids[0]))[0] or "nothing").name
         print(f"  chunk {u} {abridge(chunk)!r}\n      read {source}: {abridge(nb[0, :M])!r}"
               f"\n        continued: {abridge(nb[0, M:])!r}")
 
 
 def sample(cfg: TrainConfig) -> str:
-    """--sample: generate from out_dir/ckpt.pt, retrieving from its database, another one or a server."""
+    """--sample: generate from out_dir/ckpt.pt, retrieving from the database it was trained with (or --db)."""
     ckpt, cfg = trained_model(cfg)
-    device = build_db.resolve_device(cfg.device)
-    if build_db.is_server(cfg.db):
-        retriever = build_db.connect(cfg.db)
-        load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", retriever.meta, cfg.db, ckpt)
-    else:
-        db = prepare_db(cfg, training=False)
-        load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", db.meta, db.path, ckpt)
-        retriever = Retriever(db.path, device) if cfg.n_neighbours else None
-    tok = retriever.tokenizer if retriever else db.tokenizer
-    text = generate(load_model(ckpt, device), tok, retriever if cfg.n_neighbours else None, cfg.sample, cfg, device)
-    print(("--- sample:\n" if cfg.show_neighbours or cfg.choose_neighbours else "") + text)
+    device, db = build_db.resolve_device(cfg.device), prepare_db(cfg, training=False)
+    load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", db.meta, db.path, ckpt)
+    retrieve = retrieval(Retriever(db.path, device), cfg.n_neighbours) if cfg.n_neighbours else None
+    print(text := generate(load_model(ckpt, device), db.tokenizer, cfg.sample, cfg, device, retrieve))
     return text
 
 
-def evaluate_checkpoint(cfg: TrainConfig) -> dict:
-    """--eval_only: the whole held-out set with this database's neighbours (or a server's), and the oracle check."""
+def evaluate_checkpoint(cfg: TrainConfig, retriever=None) -> dict:
+    """--eval_only: the whole held-out set with the database's stored neighbours, or with those that retriever
+    finds now (a server's: extras/sample.py), and the oracle check."""
     ckpt, cfg = trained_model(cfg)
     device = build_db.resolve_device(cfg.device)
     dtype, _ = build_db.resolve_dtype(cfg.dtype, device)
-    ckpt_path, tc, remote = Path(cfg.out_dir) / "ckpt.pt", ckpt["train_config"], build_db.is_server(cfg.db)
-    if remote:      # the server retrieves; the held-out text to evaluate on is in the model's own database
-        retriever = build_db.connect(cfg.db)
-        load_checkpoint(ckpt_path, retriever.meta, cfg.db, ckpt)
-    db = prepare_db(trained_with(cfg, tc) if remote else cfg, training=False)
+    ckpt_path, tc = Path(cfg.out_dir) / "ckpt.pt", ckpt["train_config"]
+    db = prepare_db(cfg, training=False)
     load_checkpoint(ckpt_path, db.meta, db.path, ckpt)
     data, model, ctx = Data(db, cfg), load_model(ckpt, device), autocast(device, dtype)
-    if remote:
+    if retriever is not None:
         data.retrieve_val(retriever)
     r = evaluate(model, data, ctx, device, desc="eval")
     r["probe"] = retrieval_probe(model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
-    print(f"{ckpt_path} (step {ckpt['iter']}) with {cfg.db if remote else db.path}:")
+    where = getattr(retriever, "url", str(db.path))
+    print(f"{ckpt_path} (step {ckpt['iter']}) with {where}:")
     report(r, r["probe"], db.meta)
     log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
-             tc["block_size"], final=True, db=cfg.db if remote else str(db.path), probe=r["probe"])
+             tc["block_size"], final=True, db=where, probe=r["probe"])
     return r
-
 
 # ---- training ---------------------------------------------------------------------------------------------
 
@@ -573,8 +521,6 @@ def machine(cfg: TrainConfig) -> tuple:
     (ddp, rank, world size, device, dtype, why that dtype)."""
     ddp, rank, world = "RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = build_db.resolve_device(cfg.device)
-    if build_db.is_server(cfg.db):
-        fail(f"--db {cfg.db}: training reads a database folder; a server's address serves --sample and --eval_only")
     if ddp:
         device = f"cuda:{os.environ['LOCAL_RANK']}" if device.startswith("cuda") else device
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")

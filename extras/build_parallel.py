@@ -83,8 +83,6 @@ def find_neighbours(index, out, meta, part=(0, 1)) -> dict:
 
 def main(argv=None):
     cfg = build_db.cli(build_db.DBConfig, "build_parallel.py", "build_db.py in several processes (torchrun).", argv)
-    if cfg.show:
-        sys.exit("build_parallel.py: error: --show runs in one process: python build_db.py --show ...")
     dist.init_process_group("gloo", timeout=timedelta(hours=12))   # small objects only: arrays go through files
     failed = False
     try:

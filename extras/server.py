@@ -1,7 +1,7 @@
 """
 The retrieval server: a database folder over HTTP, for generation and evaluation in other processes or on other
-machines (train.py --db http://host:port reads it through build_db.RemoteRetriever, the same neighbours token
-for token as the folder's own Retriever).
+machines; `RemoteRetriever(url)` is its client, with the same neighbours token for token as the folder's own
+Retriever (extras/sample.py and extras/show.py take --db http://host:port).
 
     python extras/server.py data/text+web --port 8000       # the quick start's database; Ctrl-C stops
     curl -s localhost:8000/neighbours -d '{"texts": ["And God said, Let there be light"], "k": 2}'
@@ -16,12 +16,16 @@ import argparse
 import json
 import sys
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from build_db import DBConfig, DBError, Retriever, db_dir  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+from build_db import DBConfig, DBError, Retriever, db_dir, tokenizer_hash  # noqa: E402
 
 MAX_BODY, MAX_CHUNKS = 1 << 20, 256     # bytes per request body, chunks (or texts) per request
 
@@ -159,6 +163,56 @@ def make_server(db, host: str = "127.0.0.1", port: int = 8000, device: str = "au
         raise DBError(f"cannot listen on {host}:{port}: {e.strerror}: pass another --port (0: any free one)") from None
     server.daemon_threads = True
     return server
+
+
+# ---- the client -------------------------------------------------------------------------------------------
+
+class RemoteRetriever(Retriever):
+    """The client: a Retriever whose database is served by this server at url (http://host:port): the
+    same neighbours, token for token; the database's metadata and tokenizer come from the server too."""
+
+    def __init__(self, url: str, timeout: float = 120):
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self.meta = meta = self.request("/meta")
+        self.M, self.k = meta["corpus"]["chunk_len"], meta["retrieval"]["k"]
+        text = self.request("/tokenizer.json")
+        if tokenizer_hash(None, text) != meta["tokenizer_sha256"]:
+            raise DBError(f"{self.url} sent a tokenizer that does not match its metadata: restart the server")
+        self.tokenizer = Tokenizer.from_str(text)
+
+    def request(self, path: str, body: dict = None):
+        data = None if body is None else json.dumps(body).encode()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.url + path, data, {
+                    "Content-Type": "application/json"}), timeout=self.timeout) as r:
+                answer = r.read().decode()
+        except urllib.error.HTTPError as e:
+            raise DBError(f"{self.url}{path} answered {e.code}: {e.read().decode(errors='replace').strip()}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise DBError(f"cannot reach a retrieval server at {self.url} ({getattr(e, 'reason', e)}): start one "
+                          f"with python extras/server.py DB --port PORT") from None
+        return answer if path == "/tokenizer.json" else json.loads(answer)
+
+    def query(self, chunks=None, texts=None, k: int = None) -> dict:
+        key, items = ("chunks", chunks.tolist()) if texts is None else ("texts", list(texts))
+        k, most = self.k if k is None else k, self.meta["server"]["max_chunks"]
+        out = dict(ids=np.zeros((0, k), np.int64), distances=np.zeros((0, k), np.float32),
+                   neighbours=np.zeros((0, k, 2 * self.M), np.int64))
+        for i in range(0, len(items), most):                    # as many requests as the server's limit needs
+            r = self.request("/neighbours", {key: items[i:i + most], "k": k})
+            out = {name: np.concatenate((a, np.array(r[name], a.dtype).reshape(-1, *a.shape[1:])))
+                   for name, a in out.items()}
+        return out
+
+
+def is_server(db) -> bool:
+    """Is db the address of a retrieval server (python extras/server.py) rather than a database folder?"""
+    return str(db).startswith(("http://", "https://"))
+
+
+def connect(db, device: str = "auto") -> Retriever:
+    """A database folder, or the http://host:port address of a server: a Retriever either way."""
+    return RemoteRetriever(str(db)) if is_server(db) else Retriever(db, device)
 
 
 def main(argv=None):
