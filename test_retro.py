@@ -1179,9 +1179,12 @@ def test_a_damaged_database_or_a_busy_port_is_one_clear_error(multi_db, tmp_path
             retrieval_server.make_server(multi_db.out, port=busy.getsockname()[1], device="cpu")
 
 
-def test_baseline_and_retrofit_train_the_parts_they_should(trained, multi_db, tmp_path):
+def test_baseline_and_retrofit_train_the_parts_they_should(trained, multi_db, tmp_path, capsys):
     base = run_train(multi_db, tmp_path / "base", "--max_iters", "10", "--eval_interval", "100", "--n_neighbours", "0")
     assert base["val"][10]["on"] == base["val"][10]["off"]
+    for flag in (["--choose_neighbours"], ["--neighbours_file", "nb.json"]):      # the baseline reads no neighbours
+        assert "trained without retrieval" in sample_error(capsys, "--sample", "x", "--out_dir", str(tmp_path / "base"),
+                                                           "--db", multi_db.out, *flag)
     ckpt = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)
     run_train(multi_db, tmp_path / "fit", "--max_iters", "10", "--eval_interval", "100",
               "--retrofit", str(tmp_path / "base" / "ckpt.pt"))
@@ -1191,11 +1194,11 @@ def test_baseline_and_retrofit_train_the_parts_they_should(trained, multi_db, tm
         assert torch.equal(p, ckpt["model"][name]) != is_retrieval, f"{name} should {'' if is_retrieval else 'not '}change"
 
 
-def train_error(capsys, *argv, main=train.main, prog="train.py"):
+def train_error(capsys, *argv):
     with pytest.raises(SystemExit) as e:
-        main(list(argv))
+        train.main(list(argv))
     msg = str(e.value.code)
-    assert msg.startswith(f"{prog}: error:") and "\n" not in msg, msg
+    assert msg.startswith("train.py: error:") and "\n" not in msg, msg
     return msg
 
 
@@ -1767,7 +1770,8 @@ def test_a_server_whose_database_does_not_fit_the_model_is_refused_in_one_line(t
     with serving(other.out) as url:
         for mode in (["--sample", "x"], ["--eval_only"]):
             assert "was trained with tokenizer" in sample_error(capsys, *mode, "--out_dir", str(out), "--db", url)
-    assert "cannot reach a retrieval server" in sample_error(capsys, "--sample", "x", "--out_dir", str(out), "--db", url)
+    assert "cannot reach a retrieval server" in sample_error(capsys, "--sample", "x", "--out_dir", str(out),
+                                                             "--db", url)
     for mode in ([], ["--sample", "x"], ["--eval_only"]):               # train.py reads database folders only
         assert "extras/sample.py --db URL" in train_error(capsys, "--db", url, "--out_dir", str(out), *mode)
 

@@ -305,7 +305,8 @@ def prepare_db(cfg: TrainConfig, training: bool = True) -> build_db.Database:
     cfg.data, built if missing, rebuilt if the text changed, with the settings it was built with (embedder,
     tokenizer size, retrieval-only texts). Training refuses one built for other shapes."""
     if "://" in cfg.db:
-        raise DBError(f"--db {cfg.db}: train.py reads a database folder; a served one: python extras/sample.py --db URL")
+        raise DBError(f"--db {cfg.db}: train.py reads a database folder; a served one: python extras/sample.py "
+                      "--db URL")
     want = db_config(cfg)
     db = build_db.db_dir(want)
     if (db / "meta.json").exists():
@@ -413,9 +414,9 @@ def sample_held_out(model, data, retriever, cfg: TrainConfig, device: str):
     """The end of a run: a sample that starts with a held-out document's first words, and the database chunk
     each completed chunk retrieved (its nearest neighbour, abridged), which the tokens after it read."""
     tok, M, reads = data.tokenizer, cfg.chunk_len, []
-    prompt, retrieve = tok.decode(data.tokens["val"][:M // 2].tolist()), retriever and retrieval(retriever, cfg.n_neighbours, reads)
-    print(f"sample from a held-out document's first words{', with retrieval' if retriever else ''}:\n"
-          f"{generate(model, tok, prompt, cfg, device, retrieve)}")
+    retrieve = retrieval(retriever, cfg.n_neighbours, reads) if retriever else None
+    text = generate(model, tok, tok.decode(data.tokens["val"][:M // 2].tolist()), cfg, device, retrieve)
+    print(f"sample from a held-out document's first words{', with retrieval' if retriever else ''}:\n{text}")
 
     def abridge(ids) -> str:                                    # one line of at most 60 characters
         text = " ".join(tok.decode([i for i in ids.tolist() if i != data.meta["pad_id"]]).split())
