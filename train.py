@@ -115,8 +115,8 @@ def is_number(text) -> bool:
         return False
 
 
-def fail(msg):
-    sys.exit(f"train.py: error: {msg}" if os.environ.get("RANK", "0") == "0" else 1)   # torchrun: rank 0 says it
+def fail(msg, prog: str = "train.py"):
+    sys.exit(f"{prog}: error: {msg}" if os.environ.get("RANK", "0") == "0" else 1)   # torchrun: rank 0 says it
 
 
 # ---- data: chunk-aligned sequences with their precomputed neighbours ---------------------------------------
@@ -331,29 +331,30 @@ def load_checkpoint(path: Path, meta: dict = None, db=None, ckpt: dict = None) -
     """path's checkpoint (ckpt if it was read already), checked against the database `meta` when given: a model
     can use any database with its tokenizer and chunk length, whatever its text, grown or not."""
     if ckpt is None and not path.exists():
-        fail(f"no checkpoint at {path}: train one first with python train.py --out_dir {path.parent}")
+        raise DBError(f"no checkpoint at {path}: train one first with python train.py --out_dir {path.parent}")
     try:
         ckpt = ckpt or torch.load(path, map_location="cpu", weights_only=True)
         assert isinstance(ckpt, dict) and {"model", "model_config", "train_config", "iter"} <= ckpt.keys()
     except Exception as e:
-        fail(f"{path} is not a checkpoint of train.py ({type(e).__name__}): pass the ckpt.pt of a run, or train again")
+        raise DBError(f"{path} is not a checkpoint of train.py ({type(e).__name__}): pass the ckpt.pt of a run, or "
+                      "train again") from None
     if meta is None:
         return ckpt
     mc, tc = ckpt["model_config"], ckpt["train_config"]
     if "tokenizer_sha256" not in ckpt:                 # from before the field: only the database it was trained with
         if ckpt["corpus"] != meta["corpus"]:
-            fail(f"{path} was trained with another database (text, tokenizer or chunk length differ): "
-                 f"pass the --data/--db it was trained on, or train again")
+            raise DBError(f"{path} was trained with another database (text, tokenizer or chunk length differ): "
+                          "pass the --data/--db it was trained on, or train again")
     elif (ckpt["tokenizer_sha256"], mc["chunk_len"], mc["vocab_size"]) != (
             meta["tokenizer_sha256"], meta["corpus"]["chunk_len"], meta["vocab_size"]):
-        fail(f"{path} was trained with tokenizer {ckpt['tokenizer_sha256'][:8]} and chunk_len {mc['chunk_len']}; "
-             f"{db} has tokenizer {meta['tokenizer_sha256'][:8]} and chunk_len {meta['corpus']['chunk_len']}: "
-             f"pass a database with the model's tokenizer and chunk length (python build_db.py TEXT --tokenizer "
-             f"{build_db.db_dir(db_config(trained_with(TrainConfig(), tc)))} --chunk_len {mc['chunk_len']}), or "
-             f"train again")
+        own = build_db.db_dir(db_config(trained_with(TrainConfig(), tc)))      # the database it was trained with
+        raise DBError(f"{path} was trained with tokenizer {ckpt['tokenizer_sha256'][:8]} and chunk_len "
+                      f"{mc['chunk_len']}; {db} has tokenizer {meta['tokenizer_sha256'][:8]} and chunk_len "
+                      f"{meta['corpus']['chunk_len']}: pass a database with the model's tokenizer and chunk length "
+                      f"(python build_db.py TEXT --tokenizer {own} --chunk_len {mc['chunk_len']}), or train again")
     if (k := meta["retrieval"]["k"]) < tc["n_neighbours"]:
-        fail(f"{db} holds {k} neighbours per chunk and the model reads {tc['n_neighbours']}: build it with "
-             f"--k {tc['n_neighbours']}")
+        raise DBError(f"{db} holds {k} neighbours per chunk and the model reads {tc['n_neighbours']}: build it "
+                      f"with --k {tc['n_neighbours']}")
     return ckpt
 
 
@@ -374,7 +375,7 @@ def trained_model(cfg: TrainConfig) -> tuple:
     """--sample and --eval_only: the checkpoint in out_dir, and cfg with its shapes and, without --data or --db,
     the database it was trained with."""
     if "RANK" in os.environ:
-        fail("--sample and --eval_only run in one process: python train.py ..., not torchrun")
+        raise DBError("--sample and --eval_only run in one process: python train.py ..., not torchrun")
     ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
     tc = ckpt["train_config"]
     cfg = replace(cfg, **{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours", "batch_size")})
@@ -489,7 +490,7 @@ def build_model(cfg: TrainConfig, db: build_db.Database, device: str) -> tuple:
     if cfg.retrofit:
         base = load_checkpoint(Path(cfg.retrofit), db.meta, db.path)
         if base["model_config"] != asdict(model.config):
-            fail(f"{cfg.retrofit} has another model config: pass the model flags it was trained with")
+            raise DBError(f"{cfg.retrofit} has another model config: pass the model flags it was trained with")
         model.load_state_dict(base["model"])
         for block in model.blocks:                    # start exactly as the baseline: CCA adds 0 until it learns
             if block.cca is not None:
@@ -504,16 +505,18 @@ def build_model(cfg: TrainConfig, db: build_db.Database, device: str) -> tuple:
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path, db.meta, db.path)
     if ckpt["model_config"] != asdict(model.config):
-        fail(f"{ckpt_path} was trained with another model config: pass its model flags, or another --out_dir")
+        raise DBError(f"{ckpt_path} was trained with another model config: pass its model flags, or another "
+                      "--out_dir")
     model.load_state_dict(ckpt["model"])
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except ValueError:                                # other parameters were trained
         tc = ckpt["train_config"]
-        fail(f"{ckpt_path} trained other parameters: resume with --retrofit {tc['retrofit']!r} --n_neighbours "
-             f"{tc['n_neighbours']}, as it was trained")
+        raise DBError(f"{ckpt_path} trained other parameters: resume with --retrofit {tc['retrofit']!r} "
+                      f"--n_neighbours {tc['n_neighbours']}, as it was trained") from None
     if ckpt["iter"] > cfg.max_iters:
-        fail(f"{ckpt_path} is at step {ckpt['iter']}, past --max_iters {cfg.max_iters}: pass a larger --max_iters")
+        raise DBError(f"{ckpt_path} is at step {ckpt['iter']}, past --max_iters {cfg.max_iters}: pass a larger "
+                      "--max_iters")
     return model, optimizer, ckpt["iter"]
 
 

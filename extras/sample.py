@@ -124,7 +124,7 @@ def main(argv=None):
             return evaluate(cfg) if is_server(cfg.db) else train.evaluate_checkpoint(cfg)
         return sample(cfg)
     except DBError as e:
-        sys.exit(f"sample.py: error: {e}")
+        train.fail(e, "sample.py")
 
 
 if __name__ == "__main__":
