@@ -447,6 +447,8 @@ def evaluate_checkpoint(cfg: TrainConfig, retriever=None) -> dict:
     device = build_db.resolve_device(cfg.device)
     dtype, _ = build_db.resolve_dtype(cfg.dtype, device)
     ckpt_path, tc = Path(cfg.out_dir) / "ckpt.pt", ckpt["train_config"]
+    if retriever is not None:                       # its database must fit the model, as the held-out text's does
+        load_checkpoint(ckpt_path, retriever.meta, getattr(retriever, "url", "the retriever"), ckpt)
     db = prepare_db(cfg, training=False)
     load_checkpoint(ckpt_path, db.meta, db.path, ckpt)
     data, model, ctx = Data(db, cfg), load_model(ckpt, device), autocast(device, dtype)
@@ -460,6 +462,7 @@ def evaluate_checkpoint(cfg: TrainConfig, retriever=None) -> dict:
     log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
              tc["block_size"], final=True, db=where, probe=r["probe"])
     return r
+
 
 # ---- training ---------------------------------------------------------------------------------------------
 

@@ -110,10 +110,7 @@ def sample(cfg: SampleConfig) -> str:
 
 def evaluate(cfg: SampleConfig) -> dict:
     """--eval_only with a server: the held-out text of the model's own database, its neighbours from the server."""
-    retriever = RemoteRetriever(cfg.db)
-    ckpt, _ = train.trained_model(cfg)
-    train.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", retriever.meta, cfg.db, ckpt)
-    return train.evaluate_checkpoint(replace(cfg, db="", data=train.TrainConfig.data), retriever)
+    return train.evaluate_checkpoint(replace(cfg, db="", data=train.TrainConfig.data), RemoteRetriever(cfg.db))
 
 
 def main(argv=None):
