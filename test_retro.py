@@ -1195,20 +1195,16 @@ def test_baseline_and_retrofit_train_the_parts_they_should(trained, multi_db, tm
         assert torch.equal(p, ckpt["model"][name]) != is_retrieval, f"{name} should {'' if is_retrieval else 'not '}change"
 
 
-def train_error(capsys, *argv):
+def train_error(capsys, *argv, main=train.main, prog="train.py"):
     with pytest.raises(SystemExit) as e:
-        train.main(list(argv))
+        main(list(argv))
     msg = str(e.value.code)
-    assert msg.startswith("train.py: error:") and "\n" not in msg, msg
+    assert msg.startswith(f"{prog}: error:") and "\n" not in msg, msg
     return msg
 
 
 def sample_error(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        sample_tool.main(list(argv))
-    msg = str(e.value.code)
-    assert msg.startswith("sample.py: error:") and "\n" not in msg, msg
-    return msg
+    return train_error(capsys, *argv, main=sample_tool.main, prog="sample.py")
 
 
 # name: (flags after --data/--db of the test database and the tiny model's; {out} is the trained run, {tmp} an
