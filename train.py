@@ -633,3 +633,5 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:     # checkpoints and databases are written whole (temporary file, then rename)
         sys.exit("train.py: interrupted: nothing half-written is left; --resume continues from the last checkpoint")
+    except BrokenPipeError:       # what read the output has gone (| head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

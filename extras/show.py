@@ -10,6 +10,7 @@ embeddings, 2 - 2 cos), its chunk N and its continuation F.
 """
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -79,4 +80,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:       # what read the output has gone (| head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
