@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,7 +52,8 @@ class Neighbours:
     neighbours file, or from the retriever; --show_neighbours prints them, --choose_neighbours asks."""
 
     def __init__(self, retriever, tok, cfg: SampleConfig, M: int):
-        self.retriever, self.tok, self.cfg, self.M, self.K = retriever, tok, cfg, M, cfg.n_neighbours
+        self.tok, self.cfg, self.M, self.K = tok, cfg, M, cfg.n_neighbours
+        self.retrieve = train.retrieval(retriever, self.K)
         self.pad, self.u = tok.token_to_id(PAD), -1         # u: the chunk that just completed, in order
         self.chosen = read_neighbours_file(cfg.neighbours_file, self.K) if cfg.neighbours_file else []
 
@@ -68,7 +68,7 @@ class Neighbours:
         if self.u < len(self.chosen) and self.chosen[self.u] is not None:
             nb = self.tokens(self.chosen[self.u])
         else:
-            nb = torch.as_tensor(np.asarray(self.retriever.query(chunk.cpu(), k=self.K)["neighbours"], np.int64))
+            nb = self.retrieve(chunk).cpu()
         if self.cfg.show_neighbours or self.cfg.choose_neighbours:
             print(f"--- chunk {self.u}: {self.text(chunk[0])!r}")
             for j in range(self.K):
