@@ -1236,6 +1236,7 @@ BAD_RUNS = {
     "resume training other parameters": (["--out_dir", "{out}", "--resume", "--n_neighbours", "0"],
                                          "resume with --retrofit '' --n_neighbours 2"),
     "a share of chunks above 1": (["--synthetic", "1.5"], "is a share of chunks"),
+    "something else to compile": (["--compile", "yes"], "--compile yes is not one of auto, encoder, model, none"),
 }
 if not torch.cuda.is_available():
     BAD_RUNS["a device this machine lacks"] = (["--device", "cuda"], "not available")
@@ -1373,6 +1374,41 @@ def test_training_takes_the_dtype_that_auto_picks_and_says_which(native, multi_d
     said = re.search(r"^RETRO: .* on cpu, (.+?); ", capsys.readouterr().out, re.M)[1]
     assert said == ("bf16 autocast: this CPU has AMX" if native else "fp32: this CPU has no AMX (bf16 would be slower)")
     assert (torch.bfloat16 in products) == native
+
+
+def test_compile_auto_compiles_the_encoder_only_where_bf16_runs_on_a_cpu_and_the_run_repays_it(monkeypatch):
+    def plan(device="cpu", dtype=torch.bfloat16, steps=300, **flags):
+        return train.compile_plan(train.TrainConfig(**flags), device, dtype, steps)
+    monkeypatch.setattr(train.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert plan() == ("encoder", "the neighbour encoder compiled in the first step (--compile auto)")
+    for no in (dict(dtype=torch.float32), dict(device="cuda"), dict(steps=199), dict(n_neighbours=0),
+               dict(compile="none")):
+        assert plan(**no) == ("none", ""), no                 # fp32: fusion gave nothing; short runs: never repaid
+    assert plan(compile="model", dtype=torch.float32) == ("model", "--compile model")
+    monkeypatch.setattr(train.shutil, "which", lambda name: None)          # no C++ compiler
+    assert plan() == ("none", "the encoder not compiled: no C++ compiler (g++; set CXX)")
+    with pytest.raises(build_db.DBError, match="--compile encoder needs a C\\+\\+ compiler .* or pass --compile none"):
+        plan(compile="encoder")
+    assert plan(compile="encoder", device="cuda") == ("encoder", "--compile encoder")
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None, reason="no C++ compiler for torch.compile")
+def test_a_compiled_encoder_trains_as_the_eager_one_and_evaluates_without_compiling_again(multi_db, tmp_path,
+                                                                                           monkeypatch, capsys):
+    eager = run_train(multi_db, tmp_path / "eager", "--max_iters", "3", "--eval_interval", "2")
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("inductor")
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_module(self, backend=counter))
+    compiled = run_train(multi_db, tmp_path / "compiled", "--max_iters", "3", "--eval_interval", "2",
+                         "--compile", "encoder")
+    assert "--compile encoder;" in capsys.readouterr().out
+    assert counter.frame_count == 1                  # for training's shapes only: evaluation and sampling run eagerly
+    for step, loss in eager["loss"].items():
+        assert compiled["loss"][step] == pytest.approx(loss, rel=1e-4)
+    assert compiled["val"][3]["on"] == pytest.approx(eager["val"][3]["on"], rel=1e-4)
+    saved = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in ("eager", "compiled"))
+    assert list(next(saved)) == list(next(saved))    # the same names: a checkpoint loads with or without compile
 
 
 def test_a_model_trained_in_bf16_evaluates_in_fp32_and_a_bf16_database_answers_fp32_queries(multi_db, tmp_path):

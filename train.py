@@ -16,6 +16,7 @@ Every option is a field of TrainConfig below; `python train.py -h` lists them wi
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -76,7 +77,8 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"            # auto: cuda, then mps, then cpu
     dtype: str = "auto"             # auto: bf16 autocast on CUDA and CPUs with AMX, else fp32; float32; bfloat16
-    compile: bool = False           # torch.compile the model
+    compile: str = "auto"           # torch.compile: auto (the neighbour encoder, under bf16 on a CPU, for 200+ steps),
+                                    # encoder, model or none
     peak_tflops: float = 0.0        # for MFU; 0: an H100's bf16 dense peak on CUDA, none on CPU (bench/peak_flops.py)
     # sampling
     sample: str = None              # a prompt: generate from out_dir/ckpt.pt instead of training ("": a new document)
@@ -94,6 +96,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} cannot be negative ({getattr(self, name)})")
         if self.synthetic != "auto" and not 0 <= (float(self.synthetic) if is_number(self.synthetic) else -1) <= 1:
             raise ValueError(f"--synthetic {self.synthetic} is a share of chunks: auto, or from 0 to 1")
+        if self.compile not in ("auto", "encoder", "model", "none"):
+            raise ValueError(f"--compile {self.compile} is not one of auto, encoder, model, none")
         if self.block_size % self.chunk_len:
             raise ValueError(f"--block_size {self.block_size} must be a multiple of --chunk_len {self.chunk_len}")
         model_config(self, {"vocab_size": self.vocab_size, "pad_id": 0})   # bad model flags fail now
@@ -537,6 +541,32 @@ def machine(cfg: TrainConfig) -> tuple:
     return (ddp, rank, world, device, *build_db.resolve_dtype(cfg.dtype, device))
 
 
+def eager():
+    """What torch.compile compiled, it compiled for training's shapes: evaluation and generation (no gradients,
+    other shapes) run it eagerly under this context rather than compile it again."""
+    return torch.compiler.set_stance("force_eager")
+
+
+def compile_plan(cfg: TrainConfig, device: str, dtype: torch.dtype, steps: int) -> tuple:
+    """--compile -> (what torch.compile compiles: "encoder", "model" or "none", why). auto compiles the neighbour
+    encoder under bf16 on a CPU. It reads 4x the decoder's tokens, and its norms, GELU and casts are memory-bound
+    work that bf16 does not speed up and fusion does: a bf16 step 1.2x faster, an fp32 one not at all
+    (bench/RESULTS.md). The first step pays for the compilation (~30 s on 2 cores, cached for later runs), so
+    auto compiles for runs of 200 steps or more. On a CPU, compiled code is built with a C++ compiler."""
+    cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")     # what inductor calls
+    cpu = device.startswith("cpu")
+    if cfg.compile == "auto":
+        if not (cpu and dtype == torch.bfloat16 and cfg.n_neighbours and steps >= 200):
+            return "none", ""
+        if not shutil.which(cxx):
+            return "none", f"the encoder not compiled: no C++ compiler ({cxx}; set CXX)"
+        return "encoder", "the neighbour encoder compiled in the first step (--compile auto)"
+    if cfg.compile != "none" and cpu and not shutil.which(cxx):
+        raise DBError(f"--compile {cfg.compile} needs a C++ compiler on a CPU and {cxx} is not found: install one "
+                      "(or set CXX), or pass --compile none")
+    return cfg.compile, "" if cfg.compile == "none" else f"--compile {cfg.compile}"
+
+
 def train(cfg: TrainConfig) -> dict:
     ddp, rank, world, device, dtype, dtype_why = machine(cfg)
     master, device_type = rank == 0, device.split(":")[0]
@@ -552,17 +582,21 @@ def train(cfg: TrainConfig) -> dict:
     data = Data(db, cfg)
     # ---- model, optimizer, resume ----
     model, optimizer, start = build_model(cfg, db, device)
-    raw_model = model                                 # uncompiled and unwrapped: what is saved and sampled
+    raw_model = model                                 # not wrapped by DDP or compile: what is saved and sampled
     peak = cfg.peak_tflops * 1e12 or (989e12 if device_type == "cuda" else 0)    # an H100's bf16 dense peak
     flops_per_step = training_flops(raw_model, data, device) * cfg.batch_size * cfg.grad_accum if peak else 0
-    if cfg.compile:
+    compiled, compile_why = compile_plan(cfg, device, dtype, cfg.max_iters - start)
+    if compiled == "model":
         model = torch.compile(model)
+    elif compiled == "encoder":
+        raw_model.encoder.compile()                   # in place: the same weights, and the same names in checkpoints
     if ddp:
         model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
     trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     print0(f"RETRO: {raw_model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained, "
-           f"K={cfg.n_neighbours}; {world} process(es) on {device}, {dtype_why}; {tokens_per_step:,} tokens per step" +
+           f"K={cfg.n_neighbours}; {world} process(es) on {device}, {dtype_why}{compile_why and ', '}{compile_why}; "
+           f"{tokens_per_step:,} tokens per step" +
            (f"; MFU against {peak / 1e12:.3g} TFLOP/s" if peak else ""))
     if cfg.n_neighbours:              # measured before training: what retrieval can do for this text
         copies = f"; so {data.synthetic:.0%} of training chunks read an edited copy of their continuation " \
@@ -576,7 +610,8 @@ def train(cfg: TrainConfig) -> dict:
     train_time = 0.0                                 # seconds spent in training steps, evaluation excluded
     for it in range(start, cfg.max_iters):
         if it % cfg.eval_interval == 0 and it > start and master:
-            r = history["val"][it] = evaluate(raw_model, data, ctx, device, cfg.eval_iters)
+            with eager():
+                r = history["val"][it] = evaluate(raw_model, data, ctx, device, cfg.eval_iters)
             print0(f"step {it}: val loss {r['on'][0]:.4f} (bpb {r['on'][1]:.4f}), retrieval off {r['off'][0]:.4f}")
             log_eval(log_path, it, r, tokens_per_step)
             save_checkpoint(ckpt_path, raw_model, optimizer, cfg, it, db.meta)
@@ -606,13 +641,15 @@ def train(cfg: TrainConfig) -> dict:
                    f"{tokens_per_step / dt:,.0f} tokens/s, {mfu}{dt * (cfg.max_iters - it - 1) / 60:.1f} min left")
     # ---- the end: a checkpoint, the whole validation set, the oracle check, a sample ----
     if master:
-        save_checkpoint(ckpt_path, raw_model, optimizer, cfg, cfg.max_iters, db.meta)
-        r = history["val"][cfg.max_iters] = evaluate(raw_model, data, ctx, device, desc="final eval")
-        probe = retrieval_probe(raw_model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
-        log_eval(log_path, cfg.max_iters, r, tokens_per_step, final=True, probe=probe)
-        print0(f"trained {cfg.max_iters - start} steps in {train_time / 60:.1f} min")
-        report(r, probe, db.meta)
-        sample_held_out(raw_model.eval(), data, Retriever(db.path, device) if cfg.n_neighbours else None, cfg, device)
+        with eager():
+            save_checkpoint(ckpt_path, raw_model, optimizer, cfg, cfg.max_iters, db.meta)
+            r = history["val"][cfg.max_iters] = evaluate(raw_model, data, ctx, device, desc="final eval")
+            probe = retrieval_probe(raw_model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
+            log_eval(log_path, cfg.max_iters, r, tokens_per_step, final=True, probe=probe)
+            print0(f"trained {cfg.max_iters - start} steps in {train_time / 60:.1f} min")
+            report(r, probe, db.meta)
+            retriever = Retriever(db.path, device) if cfg.n_neighbours else None
+            sample_held_out(raw_model.eval(), data, retriever, cfg, device)
     if ddp:     # the others wait for process 0's evaluation: a group torn down by one process alone can abort
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
