@@ -607,7 +607,7 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_path, log_path = Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.jsonl"   # log: one JSON line
     if master and not cfg.resume:                                                           # per evaluation
         log_path.unlink(missing_ok=True)
-    train_time = 0.0                                 # seconds spent in training steps, evaluation excluded
+    train_time = first = 0.0                         # seconds in training steps (evaluation excluded); in the first
     for it in range(start, cfg.max_iters):
         if it % cfg.eval_interval == 0 and it > start and master:
             with eager():
@@ -634,11 +634,14 @@ def train(cfg: TrainConfig) -> dict:
         if log := (it + 1) % cfg.log_interval == 0 or it == start:
             history["loss"][it + 1] = step_loss.item()                  # .item() waits for the GPU: time is right
         train_time += time.time() - t0
+        if it == start:
+            first = train_time                          # the first step compiles, if anything is compiled
         if log:
-            dt = train_time / (it + 1 - start)
-            mfu = f"MFU {flops_per_step / dt / peak:.1%}, " if peak else ""
-            print0(f"step {it + 1}/{cfg.max_iters}: loss {history['loss'][it + 1]:.4f}, lr {lr:.2e}, "
-                   f"{tokens_per_step / dt:,.0f} tokens/s, {mfu}{dt * (cfg.max_iters - it - 1) / 60:.1f} min left")
+            dt = (train_time - first) / (it - start) if it > start else 0     # the steps after the first
+            mfu = f"MFU {flops_per_step / dt / peak:.1%}, " if peak and dt else ""
+            rate = (f"{tokens_per_step / dt:,.0f} tokens/s, {mfu}{dt * (cfg.max_iters - it - 1) / 60:.1f} min left"
+                    if dt else f"{first:.1f} s (the first step{', compiling' if compiled != 'none' else ''})")
+            print0(f"step {it + 1}/{cfg.max_iters}: loss {history['loss'][it + 1]:.4f}, lr {lr:.2e}, {rate}")
     # ---- the end: a checkpoint, the whole validation set, the oracle check, a sample ----
     if master:
         with eager():
