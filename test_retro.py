@@ -1404,6 +1404,8 @@ def test_a_compiled_encoder_trains_as_the_eager_one_and_evaluates_without_compil
                          "--compile", "encoder")
     assert "--compile encoder;" in capsys.readouterr().out
     assert counter.frame_count == 1                  # for training's shapes only: evaluation and sampling run eagerly
+    again = run_train(multi_db, tmp_path / "again", "--max_iters", "3", "--eval_interval", "2", "--compile", "encoder")
+    assert again["loss"] == compiled["loss"] and again["val"] == compiled["val"]      # a run repeats itself exactly
     for step, loss in eager["loss"].items():
         assert compiled["loss"][step] == pytest.approx(loss, rel=1e-4)
     assert compiled["val"][3]["on"] == pytest.approx(eager["val"][3]["on"], rel=1e-4)

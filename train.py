@@ -590,6 +590,10 @@ def train(cfg: TrainConfig) -> dict:
         model = torch.compile(model)
     elif compiled == "encoder":
         raw_model.encoder.compile()                   # in place: the same weights, and the same names in checkpoints
+    if compiled != "none" and device_type == "cpu":
+        # compiled, the embedding's gradient is a scatter-add whose threads add in the order they finish: without
+        # inductor's deterministic kernels a run would not repeat itself, nor --resume its run (for good here)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if ddp:
         model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
