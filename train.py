@@ -77,8 +77,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"            # auto: cuda, then mps, then cpu
     dtype: str = "auto"             # auto: bf16 autocast on CUDA and CPUs with AMX, else fp32; float32; bfloat16
-    compile: str = "auto"           # torch.compile: auto (the neighbour encoder, under bf16 on a CPU, for 200+ steps),
-                                    # encoder, model or none
+    compile: str = "auto"           # auto: the neighbour encoder under bf16 on a CPU, 200+ steps; encoder; model; none
     peak_tflops: float = 0.0        # for MFU; 0: an H100's bf16 dense peak on CUDA, none on CPU (bench/peak_flops.py)
     # sampling
     sample: str = None              # a prompt: generate from out_dir/ckpt.pt instead of training ("": a new document)
