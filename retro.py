@@ -22,15 +22,16 @@ Paper symbol -> name here:
     m, k, r, n                    -> chunk_len, K, R, T
 
 Deviations from the paper (each is explained where it happens):
-    1. Rotary position embeddings (Su et al. 2021) in self-attention and the encoder, not Transformer-XL's
-       relative encodings; in CCA a neighbour starts at its chunk's position, as in appendix B.1.2.
+    1. Rotary positions (Su et al. 2021), not Transformer-XL's relative encodings (section 2.5): in self-attention,
+       in the encoder, and in CCA without deviation 6 (a neighbour starts at its chunk's position, as in B.1.2).
     2. A chunk whose neighbours are all padding gets nothing from CCA, as if it had retrieved nothing.
     3. Feed-forward with GELU; decoder input and output embeddings tied (GPT-2).
     4. The encoder's input H is RMS-normalised, as every other attention input is in a pre-norm model.
     Five more make the model learn to read its neighbours in hundreds of steps rather than not at all
     (bench/copy_task.py: random tokens whose continuation is in the neighbours; bench/RESULTS.md):
     5. The encoder reads the decoder's token embedding (the paper's ablations find sharing harmless).
-    6. CCA's relative positions are a learned bias per head and offset (T5), initialised like ALiBi.
+    6. CCA's relative position logits are a learned bias per head and offset (T5), initialised like ALiBi; the
+       paper computes them from sinusoids of the offset (appendix B.1.2, Listing 1's relative_positional_encodings).
     7. The final norm's gain starts at sqrt(768 / C): GPT-2's logit scale at any width.
     8. CCA starts as an induction head: the key of neighbour token j is made from token j - 1, and its maps
        start as identities, so a query copies what follows its own token in a neighbour, wherever it is.
@@ -65,7 +66,7 @@ class RetroConfig:
     dropout: float = 0.0            # paper: 0 for pre-training, 0.25 on Wikitext103
     pad_id: int = 0                 # neighbour tokens equal to pad_id are masked out
     share_embedding: bool = True    # the encoder reads the decoder's token embedding (paper: its own; deviation 5)
-    cca_position_bias: bool = True  # CCA's relative positions: a learned bias, not rotary (deviation 6; paper: none)
+    cca_position_bias: bool = True  # CCA's position logits: learned (deviation 6; paper: sinusoidal; False: rotary)
     cca_induction: bool = True      # CCA starts as a copy head: keys hold the previous token (deviation 8)
     scale_embedding: bool = True    # token embeddings enter the residual stream times sqrt(C) (deviation 9)
 
@@ -84,14 +85,12 @@ class RetroConfig:
         d, n_head, n_layer = {"172M": (896, 14, 12), "425M": (1536, 12, 12),
                               "1.5B": (2048, 16, 24), "7.5B": (4096, 32, 32)}[name]
         first = 6 if n_layer == 12 else 9           # Table 10: P = [6, 9, 12] or [9, 12, ..., n_layer]
-        cfg = dict(vocab_size=128_000, block_size=2048, chunk_len=64, n_layer=n_layer, n_head=n_head,
-                   n_embd=d, cca_layers=tuple(range(first - 1, n_layer, 3)), enc_n_layer=2, enc_n_head=14,
-                   enc_n_embd=896)
+        cfg = dict(vocab_size=128_000, block_size=2048, chunk_len=64, n_layer=n_layer, n_head=n_head, n_embd=d,
+                   cca_layers=tuple(range(first - 1, n_layer, 3)), enc_n_layer=2, enc_n_head=14, enc_n_embd=896)
         return cls(**{**cfg, **overrides})
 
 
-# ---- normalisation ----------------------------------------------------------------------------------------
-
+# ---- building blocks: normalisation, rotary positions, attention, feed-forward -----------------------------
 class RMSNorm(nn.Module):
     r"""RMSNorm (Zhang & Sennrich 2019), the paper's normalisation (section 2.5): x / rms(x) * g."""
 
@@ -101,15 +100,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if self.training and torch.is_grad_enabled():
+            # training: same numbers, less memory: x / rms(x) redone in backward (RMSNormLean, a side note at the end)
             return RMSNormLean.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
-# ---- rotary positions -------------------------------------------------------------------------------------
-
 def rotary(pos: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """exp(i * pos * theta_j) for the integer positions pos (T,): (T, D/2) complex rotations. theta_j =
-    base^(-2j / D): one angular speed per pair of dims, fast for the first pairs, slow for the last."""
+    """(T, D/2) complex rotations exp(i * pos * theta_j) for positions pos (T,); theta_j = base^(-2j / D)."""
     theta = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     angle = pos.float()[:, None] * theta                                       # (T, D/2)
     return torch.polar(torch.ones_like(angle), angle)
@@ -123,14 +120,10 @@ def apply_rotary(x, rot):
     return torch.view_as_real(xc * rot.to(xc.dtype)).flatten(-2).type_as(x)  # (..., T, D)
 
 
-# ---- attention --------------------------------------------------------------------------------------------
-
 def attend(q, k, v, mask=None, is_causal=False, dropout=0.0):
-    """Scaled dot-product attention. mask (..., Tq or 1, Tk) is True where a query may look. A query whose
-    keys are all masked (a chunk with only padding for neighbours) would get softmax(-inf, ...) = NaN:
-    let it see everything, then zero its output, so that it reads as 'nothing retrieved'."""
-    # on a CPU, PyTorch's flash kernel is slower in bf16 than in fp32 for a few hundred keys (the encoder's R, CCA's
-    # K*R); its plain kernel, two bf16 products and a softmax, is not (a bf16 training step 5% faster)
+    """Scaled dot-product attention; mask (..., Tq or 1, Tk) is True where a query may look. A query with no key
+    (a chunk whose neighbours are all padding) would get NaN: it sees all keys, then gets 0: 'nothing retrieved'."""
+    # on a CPU in bf16, the plain kernel beats flash for a few hundred keys (the encoder's R, CCA's K*R)
     plain = q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(-2) <= 256
     with sdpa_kernel(SDPBackend.MATH) if plain else nullcontext():
         if mask is None:
@@ -142,19 +135,17 @@ def attend(q, k, v, mask=None, is_causal=False, dropout=0.0):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with rotary positions. Self-attention when ctx is x; cross-attention
-    (queries from x, keys and values from ctx, whose width may differ) otherwise."""
+    """ATTN and CA of section 2.4: multi-head attention with rotary positions. Self-attention when ctx is x;
+    cross-attention (queries from x, keys and values from ctx, whose width may differ) otherwise."""
 
     def __init__(self, dim: int, n_head: int, ctx_dim: int = None, dropout: float = 0.0):
         super().__init__()
         self.n_head, self.dropout = n_head, dropout
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(ctx_dim or dim, 2 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.q, self.kv = nn.Linear(dim, dim, bias=False), nn.Linear(ctx_dim or dim, 2 * dim, bias=False)
+        self.proj, self.drop = nn.Linear(dim, dim, bias=False), nn.Dropout(dropout)
 
     @property
-    def p_drop(self) -> float:                          # attention dropout: in training only
+    def p_drop(self) -> float:
         return self.dropout if self.training else 0.0
 
     def forward(self, x, ctx, q_pos, k_pos, mask=None, is_causal=False, cache=None):
@@ -193,12 +184,12 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if self.recompute and self.training and torch.is_grad_enabled():
+            # training: same numbers, less memory: the GELU redone in backward (GeluMLP, a side note at the end)
             return self.drop(GeluMLP.apply(x, self.fc.weight, self.proj.weight))
         return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
 # ---- the neighbour encoder --------------------------------------------------------------------------------
-
 class EncoderLayer(nn.Module):
     """One layer of the retrieval encoder: bidirectional self-attention over one neighbour's R tokens,
     optional cross-attention to the retrieving chunk's activations H_u (CA_enc in Algorithm 1), FFW."""
@@ -213,9 +204,8 @@ class EncoderLayer(nn.Module):
 
 
 class NeighbourEncoder(nn.Module):
-    """Encoder(Ret(C_u)^j, H_u) of section 2.4 ("Encoding retrieval neighbours"): every neighbour [N, F] of
-    every chunk is encoded on its own by a small bidirectional transformer, conditioned on the activations
-    of the chunk that retrieved it. Its output E_u is what chunk u's successors cross-attend to."""
+    """Encoder(Ret(C_u)^j, H_u) of section 2.4 ("Encoding retrieval neighbours"): a small bidirectional transformer
+    encodes each neighbour [N, F] of each chunk C_u on its own, conditioned on C_u's activations H_u, into E_u^j."""
 
     def __init__(self, cfg: RetroConfig):
         super().__init__()
@@ -234,17 +224,15 @@ class NeighbourEncoder(nn.Module):
     def forward(self, neighbours, h, wte=None):
         """neighbours (B, L, K, R) token ids, h (B, L, M, C), wte the decoder's embedding function (deviation 5)
         -> E (B, L, K*R, C_enc) and its mask (B, L, K*R)."""
-        B, L, K, R = neighbours.shape
-        M, C = h.size(2), h.size(3)
+        (B, L, K, R), (M, C) = neighbours.shape, h.shape[2:]
         mask = neighbours != self.cfg.pad_id                                    # (B, L, K, R)
         emb = self.emb_in(wte(neighbours)) if self.wte is None else self.wte(neighbours) * self.emb_scale
         x = self.drop(emb).view(B * L * K, R, -1)                               # (B*L*K, R, C_enc)
         h = self.ln_h(h).view(B * L, M, C)                                      # (B*L, M, C)
         pos = torch.arange(R, device=x.device)
-        self_mask = mask.view(B * L * K, 1, 1, R)
         for layer in self.layers:
             y = layer.ln_attn(x)
-            x = x + layer.attn(y, y, pos, pos, mask=self_mask)
+            x = x + layer.attn(y, y, pos, pos, mask=mask.view(B * L * K, 1, 1, R))
             if layer.cross is not None:
                 # The K neighbours of chunk u all read the same M activations, so they share one batch row:
                 # K*R queries (each at its index in its own neighbour) against chunk u's M keys.
@@ -255,39 +243,34 @@ class NeighbourEncoder(nn.Module):
 
 
 # ---- chunked cross-attention ------------------------------------------------------------------------------
-
 class ChunkedCrossAttention(nn.Module):
-    r"""CCA(H, E) of section 2.4 and Listing 1.
+    r"""CCA(H, E) of section 2.4 and Listing 1 (appendix B.1.3).
 
-    Why the shift by m - 1: the neighbours E_u of chunk C_u were retrieved with the text of C_u, so only
-    positions that have already read all of C_u may see them. The first such position is the last token of
-    C_u, at u*m + m - 1. Listing 1 therefore drops the first m - 1 positions and regroups the rest in chunks
-    of m: the attending chunk H_u^+ is the last token of C_u followed by the first m - 1 tokens of C_{u+1},
-    and it attends to E_u. Each token of it still predicts a token of C_{u+1} (or the first of C_{u+2}), so
-    causality holds. The first m - 1 positions see no neighbours (their output is 0, the residual passes
-    them unchanged), and each chunk reads its K neighbours jointly: one softmax over all K*R keys.
+    Why the shift by m - 1: the neighbours E_u of chunk C_u were retrieved with the text of C_u, so only positions
+    that have read all of C_u may see them, the first being C_u's last token, at u*m + m - 1. Listing 1 therefore
+    drops the first m - 1 positions and regroups the rest in chunks of m: the attending chunk H_u^+, the last token
+    of C_u and the first m - 1 tokens of C_{u+1}, attends to E_u. Each of its tokens still predicts a token of
+    C_{u+1} (or the first of C_{u+2}), so causality holds. The first m - 1 positions see no neighbours (CCA adds 0
+    there), and each chunk reads its K neighbours jointly: one softmax over all K*R keys.
 
-    Positions (deviation 1): neighbour tokens sit at 0..R-1 and the query at slot i of H_u^+ at m - 1 + i,
-    as if [N, F] were laid over [C_u, C_{u+1}]: each query stands where its own token stands, and the
-    neighbour token in line with the token it predicts, F's token i, is one position ahead of it. Every
-    neighbour gets the same positions, so their order does not matter.
+    Positions (appendix B.1.2): neighbour tokens sit at 0..R-1 and the query at slot i of H_u^+ at m - 1 + i, as if
+    [N, F] lay over [C_u, C_{u+1}]: each query stands over its own token, and F's token i, in line with the token
+    the query predicts, is one position ahead. Neighbours share these positions, so their order does not matter. The
+    paper turns the offsets into logits through sinusoids; here a learned bias (deviation 6) or rotary (1).
     """
 
     def __init__(self, cfg: RetroConfig):
         super().__init__()
         self.M, self.induction = cfg.chunk_len, cfg.cca_induction
         self.attn = Attention(cfg.n_embd, cfg.n_head, ctx_dim=cfg.enc_n_embd, dropout=cfg.dropout)
-        self.bias = None
-        if cfg.cca_position_bias:
-            # deviation 6: a learned score bias for every head and offset key - query (-(2m-2)..m), as in T5, not
-            # rotary (which would turn deviation 8's content match with the offset). It starts as -slope *
-            # distance from the token in line (offset +1), slopes 1, 1/4, 1/16, ... (ALiBi, Press et al. 2021):
-            # the first heads read the token in line from step one; without it, finding one key of K*R at
-            # M = 64 takes hundreds of steps more (bench/copy_task.py).
-            M = cfg.chunk_len
-            slopes = 4.0 ** -torch.arange(cfg.n_head, dtype=torch.float32)
-            offset = torch.arange(3 * M - 1) - (2 * M - 2)                       # key position - query position
-            self.bias = nn.Parameter(-slopes[:, None] * (offset - 1).abs()[None, :])  # (H, 3M - 1)
+        # deviation 6: a learned score bias per head and offset key - query (-(2m-2)..m), as in T5, in place of the
+        # paper's sinusoidal logits; not rotary, which would turn deviation 8's content match with the offset. It
+        # starts as -slope * distance from the token in line (offset +1), slopes 1, 1/4, ... (ALiBi, Press et al.
+        # 2021): the first heads read that token from step one, not hundreds of steps later (bench/copy_task.py).
+        M, slopes = cfg.chunk_len, 4.0 ** -torch.arange(cfg.n_head, dtype=torch.float32)
+        offset = torch.arange(3 * M - 1) - (2 * M - 2)                          # key position - query position
+        self.bias = (nn.Parameter(-slopes[:, None] * (offset - 1).abs()[None, :])  # (H, 3M - 1)
+                     if cfg.cca_position_bias else None)
 
     def forward(self, x, enc, enc_mask, kv_cache: dict = None):
         """Listing 1. x (B, T, C) at positions 0..T-1; enc (B, L, K*R, C_enc) and enc_mask (B, L, K*R) for the
@@ -321,83 +304,51 @@ class ChunkedCrossAttention(nn.Module):
         return self.attn.out(y)                                                 # (B, 1, C)
 
     def mask(self, enc_mask, slots, dtype):
-        """enc_mask (N, K*R), True for real neighbour tokens -> a boolean mask (N, 1, 1, K*R), or with the
-        position bias (deviation 6) additive scores (N, H, slots, K*R): neighbour token r against the query at
-        slot i sits at offset r - (m - 1 + i)."""
-        mask = enc_mask[:, None, None, :]
+        """enc_mask (N, K*R), True for real neighbour tokens -> a boolean mask (N, 1, 1, K*R), or with deviation 6
+        additive scores (N, H, slots, K*R): neighbour token r is at offset r - (m - 1 + i) from slot i's query."""
+        mask, M = enc_mask[:, None, None, :], self.M                            # (N, 1, 1, K*R)
         if self.bias is None:
             return mask
-        r, M = torch.arange(2 * self.M, device=slots.device), self.M
+        r = torch.arange(2 * M, device=slots.device)
         bias = self.bias[:, r[None, :] - slots[:, None] + M - 1]                # (H, slots, R)
         bias = bias.repeat(1, 1, enc_mask.size(-1) // (2 * M))                  # (H, slots, K*R)
         return torch.where(mask, bias.to(dtype), float("-inf"))                 # (N, H, slots, K*R)
 
     def keys_values(self, enc, cache: dict = None):
-        """Keys and values of every chunk's neighbours; generating, each chunk's are projected once, not per token."""
-        R = 2 * self.M
-        pos = torch.arange(enc.size(2), device=enc.device) % R                 # 0..R-1 for every neighbour
-        pos = None if self.bias is not None else pos
-        if cache is None:
-            return self.project(enc, pos)
+        """Keys and values (B, L, H, K*R, D) of every chunk's neighbours; generating, each chunk's are projected
+        once, when it completes, and kept in cache."""
         done = cache["k"].size(1) if cache else 0
-        if done < enc.size(1):
-            k, v = self.project(enc[:, done:], pos)                            # (B, new chunks, H, K*R, D)
-            if done:
-                k, v = torch.cat((cache["k"], k), 1), torch.cat((cache["v"], v), 1)
-            cache.update(k=k, v=v)
-        return cache["k"], cache["v"]
-
-    def project(self, enc, pos):
-        """Keys and values of enc (B, Lc, K*R, C_enc); rotary at pos, or none (pos None)."""
-        k, v = self.attn.keys_values(enc, None)                                 # (B, Lc, H, K*R, D)
+        if cache and done >= enc.size(1):
+            return cache["k"], cache["v"]
+        k, v = self.attn.keys_values(enc[:, done:] if done else enc, None)      # (B, Lc, H, K*R, D): Lc new chunks
         if self.induction:
-            # deviation 8: the key of neighbour token j is computed from token j - 1 (zero for j = 0), the value
-            # from token j: a query holding token t finds, by content, the place in a neighbour that follows a t
-            # and reads what came next there, an induction head (Olsson et al. 2022) with its previous-token
-            # half wired in. Real neighbours are rarely in line with their chunk (a paraphrase, other chunk
-            # boundaries): reading by position copies the wrong token, reading by content the right one.
+            # deviation 8: key j is made from neighbour token j - 1 (zero for j = 0), value j from token j: a query
+            # holding token t finds, by content, where a neighbour has a t and reads what follows it there, an
+            # induction head (Olsson et al. 2022) with its previous-token half wired in. Real neighbours are rarely in
+            # line with their chunk (paraphrases, other boundaries): reading by position would copy the wrong token.
             B, Lc, H, S, D = k.shape
             k = k.view(B, Lc, H, S // (2 * self.M), 2 * self.M, D)                # (B, Lc, H, K, R, D)
             k = F.pad(k[..., :-1, :], (0, 0, 1, 0)).view(B, Lc, H, S, D)        # key j <- token j - 1
-        return (k if pos is None else apply_rotary(k, rotary(pos, k.size(-1)))), v
+        if self.bias is None:                                                   # rotary: 0..R-1 in every neighbour
+            k = apply_rotary(k, rotary(torch.arange(k.size(-2), device=k.device) % (2 * self.M), k.size(-1)))
+        if done:
+            k, v = torch.cat((cache["k"], k), 1), torch.cat((cache["v"], v), 1)
+        if cache is not None:
+            cache.update(k=k, v=v)
+        return k, v
 
 
 # ---- the decoder ------------------------------------------------------------------------------------------
-
 class Block(nn.Module):
     """A decoder layer. Without CCA: ATTN -> FFW. A RETRO block (layer p in P): ATTN -> CCA -> FFW
-    (equation 2). Pre-norm residuals; RETRO.forward calls the three parts, as Algorithm 1 does."""
+    (equation 2). Pre-norm residuals; RETRO.hidden calls the three parts, as Algorithm 1 does."""
 
     def __init__(self, cfg: RetroConfig, cca: bool):
         super().__init__()
         C = cfg.n_embd
         self.ln_attn, self.attn = RMSNorm(C), Attention(C, cfg.n_head, dropout=cfg.dropout)
-        self.ln_cca = RMSNorm(C) if cca else None
-        self.cca = ChunkedCrossAttention(cfg) if cca else None
+        self.ln_cca, self.cca = (RMSNorm(C), ChunkedCrossAttention(cfg)) if cca else (None, None)
         self.ln_ffw, self.ffw = RMSNorm(C), FeedForward(C, cfg.ffw_mult, cfg.dropout, cfg.recompute_ffw)
-
-
-class Cache:
-    """What generation keeps between steps, so that a new token costs one position of work: every layer's
-    self-attention keys and values, the input of the first CCA layer (the encoder's H), E for every chunk
-    encoded so far, and each CCA layer's keys and values of E."""
-
-    def __init__(self, max_len: int):
-        self.max_len, self.pos = max_len, 0
-        self.kv = {}                    # layer -> (k, v), each (B, H, max_len, D)
-        self.h = None                   # (B, max_len, C)
-        self.enc = self.enc_mask = None  # (B, chunks encoded, K*R, C_enc), (B, chunks encoded, K*R)
-        self.cca = {}                   # layer -> {"k": ..., "v": ...}, each (B, chunks, H, K*R, D)
-
-    def layer(self, i: int):
-        def append(k, v):
-            B, H, T, D = k.shape
-            if i not in self.kv:
-                self.kv[i] = (k.new_zeros(B, H, self.max_len, D), v.new_zeros(B, H, self.max_len, D))
-            ck, cv = self.kv[i]
-            ck[:, :, self.pos:self.pos + T], cv[:, :, self.pos:self.pos + T] = k, v
-            return ck[:, :, :self.pos + T], cv[:, :, :self.pos + T]
-        return append
 
 
 class RETRO(nn.Module):
@@ -426,7 +377,6 @@ class RETRO(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
-        # GPT-2: scale each residual branch's output so the residual stream's variance does not grow with depth
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
@@ -436,10 +386,10 @@ class RETRO(nn.Module):
         nn.init.constant_(self.ln_f.weight, max(1.0, math.sqrt(768 / cfg.n_embd)))
         for block in self.blocks:
             if block.cca is not None and cfg.cca_induction:
-                # deviation 8: start CCA as the copy it is for. q = k = identity: a query matches the keys that
-                # hold its own token (the token before the one to copy); v = identity and the output at the
-                # scale of one token embedding (std 0.02): the copied token's embedding, which the tied output
-                # layer scores highest. Exact with equal widths (train.py); partial otherwise.
+                # deviation 8: start CCA as the copy it is for: q = k = identity, so a query matches the keys that
+                # hold its own token (the one before the token to copy); v = identity and the output at one
+                # embedding's scale (std 0.02): it adds the copied token's embedding, which the tied output layer
+                # scores highest. Exact with equal widths (train.py); partial otherwise.
                 attn, C = block.cca.attn, cfg.n_embd
                 with torch.no_grad():
                     for w in (attn.q.weight, attn.kv.weight[:C], attn.kv.weight[C:], attn.proj.weight):
@@ -456,24 +406,22 @@ class RETRO(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, neighbours=None, targets=None, return_logits: bool = None):
-        """idx (B, T) token ids; neighbours (B, T // M, K, R) or None; targets (B, T), -1 = ignore.
-        Returns (logits, loss). Without targets: logits (B, T, vocab_size) and None. With targets: None and
-        the mean cross-entropy, computed a block of rows at a time so that the (B, T, V) logits never exist
-        (ChunkedCrossEntropy); return_logits=True gets both, through the plain, memory-hungry path."""
+        """idx (B, T) token ids; neighbours (B, T // M, K, R) or None; targets (B, T), -1 = ignore. Returns (logits
+        (B, T, V), None) without targets; with them (None, the mean cross-entropy), a block of rows at a time so the
+        logits never exist (ChunkedCrossEntropy); return_logits=True gets both, the plain, memory-hungry way."""
         assert targets is None or targets.shape == idx.shape, \
             f"targets {tuple(targets.shape)} must have idx's shape {tuple(idx.shape)}"
         x = self.hidden(idx, neighbours)                                        # (B, T, C)
         if targets is not None and not return_logits:
             return None, ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        logits = self.lm_head(x)                                                # (B, T, V)
-        loss = None
+        logits, loss = self.lm_head(x), None                                    # (B, T, V)
         if targets is not None:
             acc, t = torch.promote_types(logits.dtype, torch.float32), targets.flatten().long()
             loss = F.cross_entropy(logits.flatten(0, 1).to(acc), t, ignore_index=-1, reduction="sum") / (
                 t != -1).sum().clamp(min=1)                             # as ChunkedCrossEntropy: 0 if all ignored
         return logits, loss
 
-    def hidden(self, idx, neighbours=None, cache: Cache = None):
+    def hidden(self, idx, neighbours=None, cache: "Cache" = None):
         """Algorithm 1 up to READ: the final hidden states (B, T, C). With a cache, idx holds the tokens at
         positions cache.pos.. and neighbours those of every chunk completed so far."""
         cfg, M = self.config, self.config.chunk_len
@@ -512,8 +460,7 @@ class RETRO(nn.Module):
     def encode(self, neighbours, x, start, cache):
         """E for every complete chunk. Generating, only chunks completed since the last call are encoded,
         each once; the first CCA layer's input is kept in the cache so a chunk's H is complete when needed."""
-        B, T, C = x.shape
-        M = self.config.chunk_len
+        (B, T, C), M = x.shape, self.config.chunk_len
         if cache is not None:
             if cache.h is None:
                 cache.h = x.new_zeros(B, cache.max_len, C)
@@ -535,12 +482,10 @@ class RETRO(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, retrieve=None, temperature: float = 1.0, top_k: int = None,
                  use_cache: bool = True):
-        """Sample max_new_tokens tokens after idx (B, T). retrieve(chunk (B, M)) -> (B, K, R) is called once
-        for every chunk that completes, in the prompt or in the output, with that chunk (section 2.4,
-        "Sampling"). top_k=1 (or temperature=0) is greedy. use_cache=False recomputes the whole sequence for
-        every token, as the other public RETRO implementations do; it exists to check and time the cache."""
-        M = self.config.chunk_len
-        B, T0 = idx.shape
+        """Sample max_new_tokens tokens after idx (B, T). retrieve(chunk (B, M)) -> (B, K, R) is called once for every
+        chunk that completes, in the prompt or the output (section 2.4, "Sampling"). top_k=1 or temperature=0: greedy.
+        use_cache=False recomputes everything per token, as other RETRO codes do, to check and time the cache."""
+        (B, T0), M = idx.shape, self.config.chunk_len
         assert max_new_tokens >= 0 and temperature >= 0 and (top_k is None or top_k >= 1), \
             f"max_new_tokens {max_new_tokens}, temperature {temperature} must be >= 0; top_k {top_k} >= 1 or None"
 
@@ -555,12 +500,9 @@ class RETRO(nn.Module):
         # one token's logits read the whole (V, C) output matrix: laid out as (C, V), that read is a stream
         # of rows, which on a CPU runs about twice as fast as F.linear's (memory-bound) matrix-vector product
         head = self.lm_head.weight.t().contiguous()                            # (C, V)
-        x = idx
         for _ in range(max_new_tokens):
-            if use_cache:
-                logits = self.hidden(x, neighbours, cache)[:, -1] @ head        # (B, V)
-            else:                                                               # the whole forward, again
-                logits = self(idx, neighbours)[0][:, -1]
+            logits = (self.hidden(idx[:, cache.pos:], neighbours, cache)[:, -1] @ head if use_cache  # (B, V)
+                      else self(idx, neighbours)[0][:, -1])                     # no cache: all of idx, again
             if top_k == 1 or temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)                            # (B, 1)
             else:
@@ -574,10 +516,7 @@ class RETRO(nn.Module):
             if retrieve and idx.size(1) % M == 0:
                 nb = neighbours_of(idx.size(1) // M - 1)
                 neighbours = nb if neighbours is None else torch.cat((neighbours, nb), 1)
-            x = nxt
         return idx
-
-    # ---- training helpers ----
 
     def set_trainable(self, decoder: bool = True, retrieval: bool = True):
         """Choose what learns. The baseline (retrieval=False) leaves the neighbour encoder and CCA unused;
@@ -595,14 +534,35 @@ class RETRO(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
 
+class Cache:
+    """What generation keeps so that a new token costs one position of work: self-attention's keys and values,
+    the first CCA layer's input (the encoder's H), E for every chunk so far, and each CCA layer's keys and values."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.pos = max_len, 0
+        self.kv = {}                    # layer -> (k, v), each (B, H, max_len, D)
+        self.h = None                   # (B, max_len, C)
+        self.enc = self.enc_mask = None  # (B, chunks encoded, K*R, C_enc), (B, chunks encoded, K*R)
+        self.cca = {}                   # layer -> {"k": ..., "v": ...}, each (B, chunks, H, K*R, D)
+
+    def layer(self, i: int):
+        def append(k, v):
+            B, H, T, D = k.shape
+            if i not in self.kv:
+                self.kv[i] = (k.new_zeros(B, H, self.max_len, D), v.new_zeros(B, H, self.max_len, D))
+            ck, cv = self.kv[i]
+            ck[:, :, self.pos:self.pos + T], cv[:, :, self.pos:self.pos + T] = k, v
+            return ck[:, :, :self.pos + T], cv[:, :, :self.pos + T]
+        return append
+
+
 # ---- side notes: the same numbers, less memory ----------------------------------------------------------
 # Three autograd functions that compute exactly what plain PyTorch would (the tests compare them), but keep
 # less for backward. They matter at training sizes on a CPU or a small GPU; a reader of the model can skip them.
 
 class RMSNormLean(torch.autograd.Function):
-    """RMSNorm for training that keeps only its input and 1/rms for backward and recomputes x / rms(x) there
-    (one elementwise product), where autograd would also keep that normalised copy of x: one activation of
-    the model's width less per norm, and a model has two or three norms per layer."""
+    """RMSNorm that keeps only x and 1/rms for backward and recomputes x / rms(x) there (one product), where
+    autograd would also keep that normalised copy of x: one activation of width C less per norm, 2 or 3 a layer."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -643,10 +603,9 @@ class GeluMLP(torch.autograd.Function):
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T, without ever holding all of them: with a vocabulary of
-    30k, a batch of 8 x 512 tokens has 500 MB of logits, and autograd would keep three such tensors. Rows go
-    in chunks, and since d loss / d logits = (softmax - onehot) / n, each chunk's gradients are computed
-    right away; backward only scales them. Same three matrix products as autograd, a fraction of the memory."""
+    """Mean cross-entropy of the logits x @ weight.T without ever holding all of them (a vocabulary of 30k and
+    8 x 512 tokens: 500 MB of logits, of which autograd keeps three). Rows go in chunks; as d loss / d logits =
+    (softmax - onehot) / n, each chunk's gradients are computed at once and backward only scales them."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, rows: int = 256):
@@ -654,8 +613,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(weight.dtype, torch.float32)     # fp32 sums, or fp64 when testing in fp64
         n = (targets != -1).sum().clamp(min=1)
         need_grad = any(ctx.needs_input_grad[:2])
-        grad_x = torch.empty_like(x) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
+        grad_x, grad_w = (torch.empty_like(x), torch.zeros_like(weight, dtype=acc)) if need_grad else (None, None)
         loss = torch.zeros((), dtype=acc, device=x.device)
         for i in range(0, x.size(0), rows):
             xi, ti = x[i:i + rows], targets[i:i + rows]

@@ -1,25 +1,23 @@
-"""The executable specification of this RETRO implementation: `pytest test_retro.py`.
+"""The executable specification of this RETRO implementation: `pytest` runs it with extras/test_extras.py.
 
 Part 1 specifies the model (retro.py). Tiny configs, fixed seeds, eval mode, float64 wherever numbers are
-compared. Each test's name is the property it proves.
+compared. Each test's name is the property it proves. Part 2 specifies the retrieval database (build_db.py),
+Part 3 training and evaluation (train.py); their tiny databases, the trained tiny model and the error helpers
+are shared with the extras' tests, which import them from here. The slow tests, end to end runs of the scripts
+and runs under torchrun, say so in their docstrings.
 """
 
 import ast
 import contextlib
 import functools
-import http.client
 import io
 import json
 import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,9 +31,6 @@ from tokenizers import Tokenizer
 import build_db
 import train
 from build_db import SEPARATOR, DBConfig, build
-from extras import sample as sample_tool
-from extras import server as retrieval_server
-from extras import show as show_tool
 from retro import RETRO, Cache, ChunkedCrossEntropy, RetroConfig, RMSNormLean, apply_rotary, rotary
 
 V = 37  # vocabulary of the tiny models
@@ -436,14 +431,15 @@ def test_tiny_model_overfits_one_batch(with_neighbours):
     model.float()
     idx, nb = data(model, K, B=4, T=16)
     nb = nb if with_neighbours else None
-    losses = train_steps(model, lambda s: (idx[:, :-1], None if nb is None else nb[:, :3], idx[:, 1:]), 150, lr=1e-2)
-    assert losses[-1] < 0.05 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    losses = train_steps(model, lambda s: (idx[:, :-1], None if nb is None else nb[:, :3], idx[:, 1:]), 60, lr=1e-2)
+    assert losses[-1] < 0.05 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"   # 3 seeds: 0.0062 at most
 
 
 def test_model_learns_to_copy_from_neighbour_continuations():
     """Random tokens cannot be predicted, except through retrieval: each chunk's neighbour is [C_u, C_{u+1}],
     so the attending chunk can copy C_{u+1} from the continuation F. Fresh data every step: only a model
-    whose CCA lines up F with the tokens it predicts gets the loss of chunks 1.. far below ln(V)."""
+    whose CCA lines up F with the tokens it predicts gets the loss of chunks 1.. far below ln(V) (3 seeds: at most
+    0.014 ln V after these 50 steps)."""
     torch.manual_seed(0)
     M, B, T = 4, 16, 16
     cfg = RetroConfig(vocab_size=V, block_size=T, chunk_len=M, n_layer=2, n_head=2, n_embd=32, cca_layers=(1,),
@@ -459,7 +455,7 @@ def test_model_learns_to_copy_from_neighbour_continuations():
     results = {}
     for with_neighbours in (True, False):
         model = RETRO(cfg)
-        train_steps(model, lambda s: batch(s, with_neighbours), 100, lr=3e-3)
+        train_steps(model, lambda s: batch(s, with_neighbours), 50, lr=3e-3)
         idx, nb, targets = batch(10_000, with_neighbours)
         with torch.no_grad():
             logits = model(idx, nb)[0]
@@ -490,7 +486,8 @@ def test_model_learns_to_copy_from_neighbours_with_a_real_sized_vocabulary():
     """The copy task again, with train.py's vocabulary of 4,096 tokens (and a width of 128): what a 37-token
     vocabulary hides. A copied token must reach the output as the vector the tied output layer scores, among
     4,096 candidates; with the paper's choices (none of deviations 5-9) this model is still at ln V after
-    these steps (8.38 nats; 8.42 after 200: bench/copy_task.py --small, README)."""
+    80 steps (8.38 nats; 8.42 after 200: bench/copy_task.py --small, README), with them at 0.15-0.19 ln V after
+    the 60 here (3 seeds)."""
     M, B, T = 4, 16, 16
 
     def batch(step):
@@ -498,7 +495,7 @@ def test_model_learns_to_copy_from_neighbours_with_a_real_sized_vocabulary():
         seq = torch.randint(1, V4K, (B, T + M), generator=g)
         return seq[:, :T], seq.unfold(1, 2 * M, M)[:, :T // M, None], seq[:, 1:T + 1]
 
-    loss = copy_loss_at_4k_vocabulary(M, T, batch, steps=80)
+    loss = copy_loss_at_4k_vocabulary(M, T, batch, steps=60)
     assert loss < 0.3 * math.log(V4K), f"loss {loss:.2f} where neighbours are visible, ln V = {math.log(V4K):.2f}"
 
 
@@ -507,7 +504,8 @@ def test_model_learns_to_copy_from_neighbours_that_are_not_in_line_with_their_ch
     paraphrase. Here the true continuation is in the neighbour, but starting 1..M/2 tokens later than in line,
     so copying by position reads the wrong token; a model must find, by content, where in the neighbour its
     own last token is and read the token after it (deviation 8). Without deviation 8 this model ends at 7.81
-    nats (0.94 ln V) after these steps, 0.054 ln V with it; with the paper's choices, at ln V (bench/copy_task.py)."""
+    nats (0.94 ln V) after 60 steps, 0.054 ln V with it (0.19-0.21 after the 40 here, 3 seeds); with the paper's
+    choices, at ln V (bench/copy_task.py)."""
     M, B, T = 8, 16, 32
 
     def batch(step):
@@ -517,7 +515,7 @@ def test_model_learns_to_copy_from_neighbours_that_are_not_in_line_with_their_ch
         nb = torch.gather(seq, 1, (starts[..., None] + torch.arange(2 * M)).flatten(1)).view(B, T // M, 1, 2 * M)
         return seq[:, :T], nb, seq[:, 1:T + 1]
 
-    loss = copy_loss_at_4k_vocabulary(M, T, batch, steps=60)
+    loss = copy_loss_at_4k_vocabulary(M, T, batch, steps=40)
     assert loss < 0.3 * math.log(V4K), f"loss {loss:.2f} where neighbours are visible, ln V = {math.log(V4K):.2f}"
 
 
@@ -526,7 +524,8 @@ def test_edited_copies_teach_a_model_whose_real_neighbours_never_help_to_read_on
     """Random tokens, and real neighbours that are other random tokens: nothing to read, so a model learns to
     ignore them (share 0, today's training). With train.py --synthetic, a share of chunks read an edited copy of
     their own continuation (shifted, tokens dropped and changed) as their last neighbour: evaluated with the true
-    continuation as a neighbour, only that model copies it."""
+    continuation as a neighbour, only that model copies it (3 seeds: 0.36-0.38 ln V after these 70 steps; without
+    edited copies 0.98-1.02)."""
     M, B, T, K = 4, 16, 16, 2
     stream = np.random.default_rng(0).integers(1, V4K, 1 << 16)
 
@@ -541,7 +540,7 @@ def test_edited_copies_teach_a_model_whose_real_neighbours_never_help_to_read_on
             train.add_edited_copies(nb, stream, starts, M, share, rng, pad=0, eot=-1)
         return seq[:, :T], nb, seq[:, 1:T + 1]
 
-    loss = copy_loss_at_4k_vocabulary(M, T, batch, steps=100, eval_batch=lambda: batch(10_000, oracle=True))
+    loss = copy_loss_at_4k_vocabulary(M, T, batch, steps=70, eval_batch=lambda: batch(10_000, oracle=True))
     if share:
         assert loss < 0.5 * math.log(V4K), f"loss {loss:.2f} with the continuation as a neighbour"
     else:
@@ -645,12 +644,18 @@ def test_bf16_autocast_on_cuda_matches_fp32():
 
 
 DB_M, DB_SEQ = 16, 64          # the test databases: chunks of 16 tokens, training sequences of 4 chunks
+BOOKS = (62, 63, 56)           # 2 John, 3 John and Philemon, the shortest books: the smallest test databases
 
 
 def bible_books(*numbers):
     """Some books of text.txt (0-based), as documents."""
     docs = re.split(rf"(?m)^{re.escape(SEPARATOR)}\n", Path(__file__).with_name("text.txt").read_text())
     return [docs[i] for i in numbers]
+
+
+def openings(*numbers):
+    """The first lines of some books, about 1,500 characters each: smaller documents."""
+    return [book[:book.index("\n", 1500) + 1] for book in bible_books(*numbers)]
 
 
 def write_corpus(path, docs):
@@ -669,7 +674,20 @@ def load(cfg, name):
     return np.load(Path(cfg.out) / f"{name}.npy")
 
 
-@pytest.fixture(scope="module")
+def shared(fixture):
+    """A session fixture that extras/test_extras.py imports too. pytest makes a fixture of each module that holds
+    the name, so each module would build its own; this one keeps the first value for both."""
+    value = []
+
+    @functools.wraps(fixture)
+    def once(*args, **kwargs):
+        if not value:
+            value.append(fixture(*args, **kwargs))
+        return value[0]
+    return pytest.fixture(scope="session")(once)
+
+
+@shared
 def multi_db(tmp_path_factory):
     """Six short books: Ruth, Joel, Obadiah, Jonah, Philemon, Jude; every 3rd held out."""
     return small_db(tmp_path_factory.mktemp("db"), "multi", bible_books(7, 28, 30, 31, 56, 64))
@@ -677,8 +695,8 @@ def multi_db(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_db(tmp_path_factory):
-    """One document: Ruth and Jonah run together, no separator."""
-    return small_db(tmp_path_factory.mktemp("db"), "single", ["".join(bible_books(7, 31))])
+    """One document: Obadiah and Jude run together, no separator."""
+    return small_db(tmp_path_factory.mktemp("db"), "single", ["".join(bible_books(30, 64))])
 
 
 def test_tokenizer_round_trips_text_losslessly(multi_db):
@@ -764,7 +782,7 @@ def test_one_document_text_is_split_at_a_line_break(single_db):
     meta = build_db.load_meta(single_db.out)
     assert (meta["n_documents"], meta["n_train_documents"], meta["n_val_documents"]) == (1, 1, 1)
     train, val = build_db.split_documents(build_db.read_documents(single_db.text), 3)
-    assert train[0].endswith("\n") and train[0] + val[0] == "".join(bible_books(7, 31))
+    assert train[0].endswith("\n") and train[0] + val[0] == "".join(bible_books(30, 64))
     assert 0.08 < len(val[0]) / (len(train[0]) + len(val[0])) < 0.12
 
 
@@ -824,19 +842,16 @@ def test_input_forms_folder_jsonl_and_separated_text(tmp_path):
     assert build_db.split_documents(["a", "b", "c"], 10) == (["a", "b"], ["c"])
 
 
-def test_text_that_is_not_utf8_on_the_command_line_is_one_clear_error(multi_db, capsys):
+def test_text_that_is_not_utf8_on_the_command_line_is_one_clear_error(capsys):
     with pytest.raises(SystemExit) as e:
         build_db.main(["--out", "data/And\udcff"])                     # how Python passes a byte 0xff
     assert e.value.code == 2 and "--out: not valid UTF-8" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        show_tool.main(["And\udcff", "--db", multi_db.out])
-    assert e.value.code == 2 and "not valid UTF-8" in capsys.readouterr().err
 
 
 def test_the_same_retrieval_text_twice_is_indexed_once_and_verbatim_copies_warn_in_one_line(tmp_path, capsys):
     """The training text itself as a retrieval-only text, under two spellings of its path."""
     text = tmp_path / "dup.txt"
-    cfg = small_db(tmp_path, "dup", bible_books(30, 56, 63), retrieval_texts=f"{text},{tmp_path}/./dup.txt")
+    cfg = small_db(tmp_path, "dup", bible_books(*BOOKS), retrieval_texts=f"{text},{tmp_path}/./dup.txt")
     assert len(build_db.load_meta(cfg.out)["sources"]) == 1
     out, err = capsys.readouterr()
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
@@ -872,55 +887,52 @@ def test_any_bert_folder_works_as_embedder_with_cls_pooling(tmp_path):
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=64)
     transformers.BertModel(cfg).save_pretrained(tiny_bert)
-    cfg = small_db(tmp_path, "tiny", bible_books(30, 56, 63), bert=str(tiny_bert), pooling="cls")
+    cfg = small_db(tmp_path, "tiny", bible_books(*BOOKS), bert=str(tiny_bert), pooling="cls")
     meta = build_db.load_meta(cfg.out)
     assert meta["embedding_dim"] == 32 and meta["corpus"]["pooling"] == "cls"
     assert leaks(load(cfg, "train_neighbour_ids"), meta["n_train_chunks"], DB_SEQ // DB_M) == []
 
 
-BAD_INPUTS = {
-    "missing": (None, "no such file"),
-    "empty": (b"  \n\n", "empty"),
-    "binary": (b"\x00\x01\x02binary\x00", "binary"),
-    "latin-1": ("caf\u00e9 cr\u00e8me\n".encode("latin-1") * 50, "not UTF-8"),
-    "too short": (b"Just one short line.\n", "too short"),
+# name: (what the text file holds: bytes, books of text.txt, or None for no file; the command line, where {text} is
+# that file, {db} the database it must not write, {empty} a folder that must stay empty and {tok} a JSON file that
+# is not a tokenizer; the words the one line must hold)
+BUILD = ["{text}", "--out", "{db}"]
+BAD_BUILDS = {
+    "missing": (None, BUILD, "no such file"),
+    "empty": (b"  \n\n", BUILD, "empty"),
+    "binary": (b"\x00\x01\x02binary\x00", BUILD, "binary"),
+    "latin-1": ("caf\u00e9 cr\u00e8me\n".encode("latin-1") * 50, BUILD, "not UTF-8"),
+    "too short": (b"Just one short line.\n", BUILD, "too short"),
+    "sequences that are not whole chunks": (BOOKS, [*BUILD, "--seq_len", "100"], "multiple of --chunk_len"),
+    "a pooling that is neither mean nor cls": (BOOKS, [*BUILD, "--pooling", "max"], "mean or cls"),
+    "a vocabulary too small for the bytes": (BOOKS, [*BUILD, "--vocab_size", "100"], "at least 259"),
+    "every document held out": (BOOKS, [*BUILD, "--val_every", "1"], "2 or more"),
+    "no batch": (BOOKS, [*BUILD, "--batch_size", "0"], "must be positive"),
+    "a device that is no device": (BOOKS, [*BUILD, "--device", "gpu"], "not a device"),
+    "an embedder that cannot load": (BOOKS, [*BUILD, "--bert", "{empty}/no-bert"],
+                                     "build_db.py: error: cannot load the embedder"),
+    "missing retrieval text": (BOOKS, [*BUILD, "--retrieval_texts", "web.txt"], "no such file"),
+    "not a tokenizer": (BOOKS, [*BUILD, "--tokenizer", "{tok}"], "is not a tokenizer"),
+    "add without meta.json": (BOOKS, ["--add", "{text}", "--out", "{empty}"], "no meta.json"),
+    "add without --out": (BOOKS, ["--add", "{text}"], "--add needs --out"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_gives_one_clear_line_and_writes_nothing(case, tmp_path):
-    content, words = BAD_INPUTS[case]
-    text = tmp_path / "input.txt"
-    if content is not None:
+@pytest.mark.parametrize("case", list(BAD_BUILDS))
+def test_a_bad_build_gives_one_clear_line_and_writes_nothing(case, tmp_path):
+    content, argv, words = BAD_BUILDS[case]
+    text, empty, tok = tmp_path / "input.txt", tmp_path / "empty", tmp_path / "tok.json"
+    if isinstance(content, bytes):
         text.write_bytes(content)
+    elif content:
+        write_corpus(text, bible_books(*content))
+    empty.mkdir()
+    tok.write_text("{}")
     with pytest.raises(SystemExit) as e:
-        build_db.main([str(text), "--out", str(tmp_path / "db")])
+        build_db.main([a.format(text=text, db=tmp_path / "db", empty=empty, tok=tok) for a in argv])
     msg = str(e.value.code)
     assert msg.startswith("build_db.py: error:") and "\n" not in msg and words in msg, msg
-    assert not (tmp_path / "db").exists()
-
-
-@pytest.mark.parametrize("flags,words", [(["--seq_len", "100"], "multiple of --chunk_len"),
-                                         (["--pooling", "max"], "mean or cls"),
-                                         (["--vocab_size", "100"], "at least 259"),
-                                         (["--val_every", "1"], "2 or more"),
-                                         (["--batch_size", "0"], "must be positive"),
-                                         (["--device", "gpu"], "not a device")])
-def test_bad_settings_give_one_clear_line(flags, words, tmp_path):
-    write_corpus(tmp_path / "t.txt", bible_books(30, 56, 63))
-    with pytest.raises(SystemExit) as e:
-        build_db.main([str(tmp_path / "t.txt"), "--out", str(tmp_path / "db"), *flags])
-    assert str(e.value.code).startswith("build_db.py: error:") and words in str(e.value.code)
-    assert not (tmp_path / "db").exists()
-
-
-def test_an_embedder_that_cannot_load_is_one_clear_line(tmp_path):
-    write_corpus(tmp_path / "t.txt", bible_books(30, 56, 63))
-    with pytest.raises(SystemExit) as e:
-        build_db.main([str(tmp_path / "t.txt"), "--out", str(tmp_path / "db"), "--bert", str(tmp_path / "no-bert")])
-    msg = str(e.value.code)
-    assert msg.startswith("build_db.py: error: cannot load the embedder") and "\n" not in msg
-    assert not (tmp_path / "db").exists()
+    assert not (tmp_path / "db").exists() and not list(empty.iterdir())
 
 
 def test_command_line_error_is_one_line_on_stderr_with_exit_code_1(tmp_path):
@@ -949,7 +961,7 @@ def web_db(multi_db, tmp_path_factory):
     return cfg, err.getvalue()
 
 
-@pytest.fixture(scope="module")
+@shared
 def grown_db(multi_db, tmp_path_factory):
     """multi_db grown by two adds: web.txt, then other.txt."""
     tmp = tmp_path_factory.mktemp("grown")
@@ -957,6 +969,15 @@ def grown_db(multi_db, tmp_path_factory):
     for text in retrieval_texts(tmp):
         build_db.main(["--add", text, "--out", str(tmp / "db")])
     return DBConfig(**{**multi_db.__dict__, "out": str(tmp / "db")})
+
+
+@shared
+def other_db(tmp_path_factory):
+    """Another text, so another tokenizer: the three shortest books, with the openings of Obadiah and Jude as
+    retrieval-only texts."""
+    tmp = tmp_path_factory.mktemp("other")
+    texts = ",".join(str(write_corpus(tmp / f"{name}.txt", openings(i))) for name, i in (("obad", 30), ("jude", 64)))
+    return small_db(tmp, "other", bible_books(*BOOKS), retrieval_texts=texts)
 
 
 def all_tokens(cfg):
@@ -1037,24 +1058,6 @@ def test_the_own_document_rule_leaves_no_neighbour_from_the_chunks_document(mult
     assert leaks(ids, len(ids), DB_SEQ // DB_M) == []
 
 
-@pytest.mark.parametrize("case", ["missing retrieval text", "add without meta.json", "add without --out",
-                                  "not a tokenizer"])
-def test_bad_retrieval_inputs_give_one_clear_line(case, tmp_path):
-    text, db = str(write_corpus(tmp_path / "t.txt", bible_books(30, 56, 63))), str(tmp_path / "db")
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "tok.json").write_text("{}")
-    argv, words = {"missing retrieval text": ([text, "--out", db, "--retrieval_texts", "web.txt"], "no such file"),
-                   "add without meta.json": (["--add", text, "--out", str(tmp_path / "empty")], "no meta.json"),
-                   "add without --out": (["--add", text], "--add needs --out"),
-                   "not a tokenizer": ([text, "--out", db, "--tokenizer", str(tmp_path / "tok.json")],
-                                       "is not a tokenizer")}[case]
-    with pytest.raises(SystemExit) as e:
-        build_db.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith("build_db.py: error:") and "\n" not in msg and words in msg, msg
-    assert not (tmp_path / "db").exists() and not list((tmp_path / "empty").iterdir())
-
-
 # =====================================================================================================
 # Part 3: training (train.py), end to end on a small database
 # =====================================================================================================
@@ -1086,7 +1089,7 @@ def run_train(db_cfg, out, *extra):
     return train.main(["--data", db_cfg.text, "--db", db_cfg.out, "--out_dir", str(out), *TINY_MODEL, *extra])
 
 
-@pytest.fixture(scope="module")
+@shared
 def trained(multi_db, tmp_path_factory):
     """40 steps, a checkpoint every 10: the uninterrupted reference run."""
     out = tmp_path_factory.mktemp("run")
@@ -1099,7 +1102,7 @@ def test_training_lowers_the_loss_and_reports_retrieval_on_and_off(trained):
     assert abs(losses[1] - math.log(512)) < 0.3                         # starts near uniform over 512 tokens
     assert losses[40] < losses[1] - 0.8, losses
     final = history["val"][40]
-    assert set(final) == {"on", "off"} and all(math.isfinite(v) for r in final.values() for v in r)
+    assert set(final) == {"on", "off", "chunks"} and all(math.isfinite(v) for m in ("on", "off") for v in final[m])
     assert 0 < final["on"][1] < 8 and final["on"][0] < math.log(512) - 0.8
     assert (out / "ckpt.pt").exists() and not list(out.glob("*.tmp"))
 
@@ -1136,17 +1139,13 @@ def test_sampling_without_data_or_db_uses_the_database_the_model_was_trained_wit
     out, _ = trained
     monkeypatch.chdir(tmp_path)                         # no text.txt here: the default text's database cannot be built
     assert train.main(["--sample", "Ruth1:1", "--out_dir", str(out), "--device", "cpu"]).startswith("Ruth1:1")
-    assert set(train.main(["--eval_only", "--out_dir", str(out), "--device", "cpu"])) == {"on", "off", "probe"}
+    assert set(train.main(["--eval_only", "--out_dir", str(out), "--device", "cpu"])) == {"on", "off", "probe", "chunks",
+                                                                                         "by_overlap"}
     assert not (tmp_path / "data").exists()
 
 
-def test_sampling_from_the_checkpoint_shows_each_chunks_neighbours(trained, multi_db, capsys):
+def test_an_empty_prompt_samples_a_new_document_and_trains_nothing(trained, multi_db, capsys):
     out, _ = trained
-    text = sample_tool.main(["--sample", "Ruth1:1 Now it came to pass", "--show_neighbours", "--out_dir", str(out),
-                             "--db", multi_db.out, "--device", "cpu"])
-    assert text.startswith("Ruth1:1 Now it came to pass") and len(text) > len("Ruth1:1 Now it came to pass")
-    printed = capsys.readouterr().out
-    assert len(re.findall(r"--- chunk \d+:", printed)) >= 2 and "neighbour 1:" in printed and "--- sample:" in printed
     before = (out / "ckpt.pt").read_bytes()
     text = run_train(multi_db, out, "--sample", "")                  # an empty prompt: a new document, no training
     assert text.startswith("<|endoftext|>") and len(text) > len("<|endoftext|>")
@@ -1169,26 +1168,25 @@ def test_a_checkpoint_that_fails_to_save_leaves_the_previous_one_and_no_temporar
     assert path.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
-def test_a_damaged_database_or_a_busy_port_is_one_clear_error(multi_db, tmp_path):
+def test_a_damaged_database_is_one_clear_error(tmp_path):
     (tmp_path / "meta.json").write_text("{damaged")
     with pytest.raises(build_db.DBError, match="meta.json is damaged"):
         build_db.load_meta(tmp_path)
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        with pytest.raises(build_db.DBError, match="cannot listen on .*: pass another --port"):
-            retrieval_server.make_server(multi_db.out, port=busy.getsockname()[1], device="cpu")
 
 
-def test_baseline_and_retrofit_train_the_parts_they_should(trained, multi_db, tmp_path, capsys):
-    base = run_train(multi_db, tmp_path / "base", "--max_iters", "10", "--eval_interval", "100", "--n_neighbours", "0")
+@shared
+def baseline(multi_db, tmp_path_factory):
+    """10 steps without retrieval (--n_neighbours 0): the decoder alone."""
+    out = tmp_path_factory.mktemp("base")
+    return out, run_train(multi_db, out, "--max_iters", "10", "--eval_interval", "100", "--n_neighbours", "0")
+
+
+def test_baseline_and_retrofit_train_the_parts_they_should(baseline, multi_db, tmp_path):
+    base_dir, base = baseline
     assert base["val"][10]["on"] == base["val"][10]["off"]
-    for flag in (["--choose_neighbours"], ["--neighbours_file", "nb.json"]):      # the baseline reads no neighbours
-        assert "trained without retrieval" in sample_error(capsys, "--sample", "x", "--out_dir", str(tmp_path / "base"),
-                                                           "--db", multi_db.out, *flag)
-    ckpt = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)
+    ckpt = torch.load(base_dir / "ckpt.pt", weights_only=True)
     run_train(multi_db, tmp_path / "fit", "--max_iters", "10", "--eval_interval", "100",
-              "--retrofit", str(tmp_path / "base" / "ckpt.pt"))
+              "--retrofit", str(base_dir / "ckpt.pt"))
     fit = torch.load(tmp_path / "fit" / "ckpt.pt", weights_only=True)
     for name, p in fit["model"].items():
         is_retrieval = name.startswith("encoder.") or ".cca." in name or ".ln_cca." in name
@@ -1201,10 +1199,6 @@ def train_error(capsys, *argv, main=train.main, prog="train.py"):
     msg = str(e.value.code)
     assert msg.startswith(f"{prog}: error:") and "\n" not in msg, msg
     return msg
-
-
-def sample_error(capsys, *argv):
-    return train_error(capsys, *argv, main=sample_tool.main, prog="sample.py")
 
 
 # name: (flags after --data/--db of the test database and the tiny model's; {out} is the trained run, {tmp} an
@@ -1243,11 +1237,11 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("case", list(BAD_RUNS))
-def test_a_bad_run_fails_with_one_clear_line(case, trained, multi_db, tmp_path, capsys):
+def test_a_bad_run_fails_with_one_clear_line(case, trained, multi_db, tmp_path, capsys, request):
     flags, words = BAD_RUNS[case]
     names = dict(out=str(trained[0]), tmp=str(tmp_path), text=multi_db.text)
     if "{other}" in flags:                                   # another text, another tokenizer
-        names["other"] = small_db(tmp_path, "other", bible_books(30, 56, 63)).out
+        names["other"] = request.getfixturevalue("other_db").out
     argv = ["--data", multi_db.text, "--db", multi_db.out, *TINY_MODEL, *(f.format(**names) for f in flags)]
     msg = train_error(capsys, *argv)
     assert all(w in msg for w in ((words,) if isinstance(words, str) else words)), msg
@@ -1273,12 +1267,12 @@ def report_numbers(printed: str) -> tuple:
 
 def test_the_default_run_retrieves_from_a_text_it_never_trains_on_and_says_what_it_measured(tmp_path, monkeypatch,
                                                                                            capsys):
-    """python train.py with no flags: the default text gets the default retrieval-only text in its database
-    (text.txt and the World English Bible; here two small stand-ins), any other text gets none; the run says
-    what retrieval can do before training, and ends with the evaluation's numbers in words and a sample that
-    shows what each chunk retrieved."""
-    kjv, web = tmp_path / "kjv.txt", Path(retrieval_texts(tmp_path)[0])
-    write_corpus(kjv, bible_books(7, 28, 30, 31, 56, 64))
+    """Slow, end to end: python train.py with no flags: the default text gets the default retrieval-only text in
+    its database (text.txt and the World English Bible; here small stand-ins: the openings of six books, and of
+    two others), any other text gets none; the run says what retrieval can do before training, and ends with the
+    evaluation's numbers in words and a sample that shows what each chunk retrieved."""
+    docs = openings(30, 56, 62, 63, 64, 55)
+    kjv, web = write_corpus(tmp_path / "kjv.txt", docs), write_corpus(tmp_path / "web.txt", openings(7, 31))
     monkeypatch.setattr(build_db, "DEFAULT_TEXT", kjv.resolve())
     monkeypatch.setattr(build_db, "DEFAULT_RETRIEVAL", web.resolve())
     monkeypatch.chdir(tmp_path)
@@ -1294,7 +1288,7 @@ def test_the_default_run_retrieves_from_a_text_it_never_trains_on_and_says_what_
     assert (on, off) == (round(final["on"][1], 4), round(final["off"][1], 4))
     assert re.search(r"^  chunk 0 '.+'\n      read (training text|web\.txt): '.+'\n        continued: '.*'$", printed,
                      re.M), printed
-    write_corpus(tmp_path / "other.txt", bible_books(7, 28, 30, 31, 56, 64))
+    write_corpus(tmp_path / "other.txt", docs[:3])
     train.main(["--data", "other.txt", *argv, "--max_iters", "1"])        # any other text: no retrieval-only text
     assert build_db.load_meta("data/other")["sources"] == [] and not Path("data/other+web").exists()
     assert build_db.retrieval_paths("kjv.txt", "none") == []
@@ -1350,29 +1344,34 @@ def test_the_database_growth_figure_evaluates_one_model_with_growing_databases(t
 
 
 def test_dtype_auto_is_bf16_where_the_device_computes_it_natively_and_fp32_elsewhere(monkeypatch):
-    monkeypatch.setattr(build_db, "cpu_computes_bf16", lambda: False)        # an AVX2 CPU, say
-    assert build_db.resolve_dtype("auto", "cpu") == (torch.float32, "fp32: this CPU has no AMX (bf16 would be slower)")
+    monkeypatch.setattr(build_db, "cpu_computes_bf16", lambda: "")           # an AVX2 CPU, say
+    assert build_db.resolve_dtype("auto", "cpu") == (torch.float32,
+                                                     "fp32: this CPU has no AMX or AVX-512 BF16 (bf16 would be slower)")
     assert build_db.resolve_dtype("auto", "mps")[0] == torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     assert build_db.resolve_dtype("auto", "cuda:1")[0] == torch.bfloat16
     assert build_db.resolve_dtype("bfloat16", "cpu")[0] == torch.bfloat16
-    monkeypatch.setattr(build_db, "cpu_computes_bf16", lambda: True)         # AMX
+    monkeypatch.setattr(build_db, "cpu_computes_bf16", lambda: "AMX")          # AMX
     assert build_db.resolve_dtype("auto", "cpu") == (torch.bfloat16, "bf16 autocast: this CPU has AMX")
+    monkeypatch.setattr(build_db, "cpu_computes_bf16", lambda: "AVX-512 BF16")  # AMD Zen 4
+    assert build_db.resolve_dtype("auto", "cpu") == (torch.bfloat16, "bf16 autocast: this CPU has AVX-512 BF16")
     assert build_db.resolve_dtype("float32", "cpu")[0] == torch.float32
-    with pytest.raises(build_db.DBError, match="--dtype 'fp16' is not a number format: use auto, float32 or bfloat16"):
+    with pytest.raises(build_db.DBError, match="--dtype 'fp16' is not a number format: use auto, float32, bfloat16 or float16"):
         build_db.resolve_dtype("fp16", "cpu")
     assert isinstance(build_db.autocast("cpu", torch.float32), contextlib.nullcontext)
 
 
 @pytest.mark.parametrize("native", [False, True])
 def test_training_takes_the_dtype_that_auto_picks_and_says_which(native, multi_db, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(build_db, "cpu_computes_bf16", lambda: native)
+    monkeypatch.setattr(build_db, "cpu_computes_bf16", lambda: "AMX" if native else "")
     products = []
     real = torch.autocast.__init__
     monkeypatch.setattr(torch.autocast, "__init__", lambda self, *a, **kw: products.append(kw.get("dtype")) or
                         real(self, *a, **kw))
     run_train(multi_db, tmp_path, "--max_iters", "2", "--dtype", "auto")
     said = re.search(r"^RETRO: .* on cpu, (.+?); ", capsys.readouterr().out, re.M)[1]
-    assert said == ("bf16 autocast: this CPU has AMX" if native else "fp32: this CPU has no AMX (bf16 would be slower)")
+    assert said == ("bf16 autocast: this CPU has AMX" if native else
+                    "fp32: this CPU has no AMX or AVX-512 BF16 (bf16 would be slower)")
     assert (torch.bfloat16 in products) == native
 
 
@@ -1395,6 +1394,8 @@ def test_compile_auto_compiles_the_encoder_only_where_bf16_runs_on_a_cpu_and_the
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None, reason="no C++ compiler for torch.compile")
 def test_a_compiled_encoder_trains_as_the_eager_one_and_evaluates_without_compiling_again(multi_db, tmp_path,
                                                                                            monkeypatch, capsys):
+    """Slow, end to end: three runs of 3 steps, eager and twice with the encoder compiled by inductor (the first
+    compile, C++ included, is most of the time; later sessions find it in inductor's cache)."""
     eager = run_train(multi_db, tmp_path / "eager", "--max_iters", "3", "--eval_interval", "2")
     from torch._dynamo.testing import CompileCounterWithBackend
     counter = CompileCounterWithBackend("inductor")
@@ -1405,7 +1406,9 @@ def test_a_compiled_encoder_trains_as_the_eager_one_and_evaluates_without_compil
     assert "--compile encoder;" in capsys.readouterr().out
     assert counter.frame_count == 1                  # for training's shapes only: evaluation and sampling run eagerly
     again = run_train(multi_db, tmp_path / "again", "--max_iters", "3", "--eval_interval", "2", "--compile", "encoder")
-    assert again["loss"] == compiled["loss"] and again["val"] == compiled["val"]      # a run repeats itself exactly
+    assert again["loss"] == compiled["loss"]                                          # a run repeats itself exactly
+    assert all(again["val"][s][m] == r[m] and (again["val"][s]["chunks"]["on"] == r["chunks"]["on"]).all()
+               for s, r in compiled["val"].items() for m in ("on", "off"))
     for step, loss in eager["loss"].items():
         assert compiled["loss"][step] == pytest.approx(loss, rel=1e-4)
     assert compiled["val"][3]["on"] == pytest.approx(eager["val"][3]["on"], rel=1e-4)
@@ -1413,21 +1416,22 @@ def test_a_compiled_encoder_trains_as_the_eager_one_and_evaluates_without_compil
     assert list(next(saved)) == list(next(saved))    # the same names: a checkpoint loads with or without compile
 
 
-def test_a_model_trained_in_bf16_evaluates_in_fp32_and_a_bf16_database_answers_fp32_queries(multi_db, tmp_path):
-    history = run_train(multi_db, tmp_path / "run", "--max_iters", "4", "--dtype", "bfloat16")
-    r = train.main(["--eval_only", "--out_dir", str(tmp_path / "run"), "--device", "cpu", "--dtype", "float32"])
-    assert r["on"][1] == pytest.approx(history["val"][4]["on"][1], rel=0.01)
-    assert r["off"][1] == pytest.approx(history["val"][4]["off"][1], rel=0.01)
-    cfg, fp32 = (small_db(tmp_path, dtype, bible_books(7, 28, 30, 31, 56, 64), dtype=dtype)
-                 for dtype in ("bfloat16", "float32"))
+def test_a_model_trained_in_bf16_evaluates_in_fp32_and_a_bf16_database_answers_fp32_queries(tmp_path):
+    """Slow, end to end: two builds of the smallest test database (the three shortest books), in bf16 and in fp32
+    (a CPU without AMX computes bf16 slowly), then 4 steps in bf16 and an evaluation in fp32."""
+    cfg, fp32 = (small_db(tmp_path, dtype, bible_books(*BOOKS), dtype=dtype) for dtype in ("bfloat16", "float32"))
     for split in ("train", "val"):                       # the same chunks, nearly the same neighbours
         same = np.sort(load(cfg, f"{split}_neighbour_ids"), 1) == np.sort(load(fp32, f"{split}_neighbour_ids"), 1)
         assert same.mean() > 0.9, split
     retriever = build_db.Retriever(cfg.out, "cpu")                            # queries are embedded in fp32
     assert retriever.embedder.dtype == torch.float32
-    chunks = load(cfg, "train_tokens").reshape(-1, DB_M)[::50]
-    itself = np.arange(0, len(load(cfg, "train_tokens")) // DB_M, 50)
+    chunks = load(cfg, "train_tokens").reshape(-1, DB_M)[::5]
+    itself = np.arange(0, len(load(cfg, "train_tokens")) // DB_M, 5)
     assert (retriever.query(chunks)["ids"][:, 0] == itself).mean() > 0.9
+    history = run_train(cfg, tmp_path / "run", "--max_iters", "4", "--dtype", "bfloat16")
+    r = train.main(["--eval_only", "--out_dir", str(tmp_path / "run"), "--device", "cpu", "--dtype", "float32"])
+    assert r["on"][1] == pytest.approx(history["val"][4]["on"][1], rel=0.01)
+    assert r["off"][1] == pytest.approx(history["val"][4]["off"][1], rel=0.01)
 
 
 def test_evaluation_with_a_grown_database_retrieves_from_the_added_text(trained, multi_db, grown_db, capsys):
@@ -1451,30 +1455,34 @@ def test_evaluation_with_a_grown_database_retrieves_from_the_added_text(trained,
     assert text.startswith("Obad1:1 The vision")
 
 
-def test_a_checkpoint_is_refused_in_one_line_by_a_database_with_another_chunk_length(trained, multi_db, tmp_path,
-                                                                                       capsys):
-    """Same tokenizer (--tokenizer), chunks of 8 tokens: one line naming both; another tokenizer is in
-    test_bad_runs_fail_with_one_clear_line. A checkpoint without the tokenizer hash needs its own database."""
-    out, _ = trained
-    m8 = DBConfig(text=str(write_corpus(tmp_path / "m8.txt", bible_books(56, 63, 62))), out=str(tmp_path / "m8"),
+@shared
+def m8_db(multi_db, tmp_path_factory):
+    """multi_db's tokenizer (--tokenizer) and chunks of 8 tokens: Philemon, 3 John and 2 John."""
+    tmp = tmp_path_factory.mktemp("m8")
+    m8 = DBConfig(text=str(write_corpus(tmp / "m8.txt", bible_books(56, 63, 62))), out=str(tmp / "m8"),
                   tokenizer=multi_db.out, chunk_len=8, k=2, seq_len=DB_SEQ, val_every=3)
-    meta = build(m8)
+    build(m8)
+    return m8
+
+
+def test_a_checkpoint_is_refused_in_one_line_by_a_database_with_another_chunk_length(trained, multi_db, m8_db,
+                                                                                       tmp_path, capsys):
+    """Same tokenizer, chunks of 8 tokens: one line naming both (a server of that database says the same: in
+    extras/test_extras.py); another tokenizer is in test_a_bad_run_fails_with_one_clear_line. A file without the
+    tokenizer hash is no checkpoint of train.py: refused in one line."""
+    (out, _), m8 = trained, m8_db
     h = build_db.load_meta(multi_db.out)["tokenizer_sha256"][:8]
-    assert meta["tokenizer_sha256"][:8] == h
+    assert build_db.load_meta(m8.out)["tokenizer_sha256"][:8] == h
     for mode in (["--eval_only"], ["--sample", "x"]):
         msg = train_error(capsys, *mode, "--out_dir", str(out), "--db", m8.out, "--device", "cpu")
         assert f"trained with tokenizer {h} and chunk_len {DB_M}; {m8.out} has tokenizer {h} and chunk_len 8" in msg
         assert f"--tokenizer {multi_db.out}" in msg
-    with serving(m8.out) as url:                        # a server of that database: the same line
-        msg = sample_error(capsys, "--sample", "x", "--out_dir", str(out), "--db", url)
-        assert f"chunk_len {DB_M}; {url} has tokenizer {h} and chunk_len 8" in msg
     old = torch.load(out / "ckpt.pt", weights_only=True)
     del old["tokenizer_sha256"]
     (tmp_path / "old").mkdir()
     torch.save(old, tmp_path / "old" / "ckpt.pt")
-    assert "another database" in train_error(capsys, "--eval_only", "--out_dir", str(tmp_path / "old"), "--db", m8.out)
-    r = train.main(["--eval_only", "--out_dir", str(tmp_path / "old"), "--db", multi_db.out, "--device", "cpu"])
-    assert set(r) == {"on", "off", "probe"}
+    assert "is not a checkpoint of train.py" in train_error(capsys, "--eval_only", "--out_dir", str(tmp_path / "old"),
+                                                             "--db", multi_db.out)
 
 
 def test_an_interrupted_add_leaves_the_previous_database(multi_db, tmp_path, monkeypatch):
@@ -1509,419 +1517,158 @@ def test_an_interrupted_add_leaves_the_previous_database(multi_db, tmp_path, mon
     assert not [f for f in out.rglob(".*")], "no temporary files left behind"
 
 
-FAIL_IN_PROCESS_1 = ("real = build_db.Embedder.__call__\n"
-                     "def failing(self, texts):\n"
-                     "    if os.environ['RANK'] == '1':\n"
-                     "        raise RuntimeError('simulated failure')\n"
-                     "    return real(self, texts)\n"
-                     "build_db.Embedder.__call__ = failing")
+# The torchrun runs, by the test file whose tests read them (extras/test_extras.py adds its own): name -> (a script's
+# code, or None for train.py; a function of getfixturevalue that gives its arguments, {tmp} being the run's folder).
+TORCHRUNS = {__name__: {
+    "ddp": (None, lambda fixture: ["--data", fixture("multi_db").text, "--db", fixture("multi_db").out, "--out_dir",
+                                   "{tmp}", *TINY_MODEL, "--max_iters", "6", "--eval_interval", "100",
+                                   "--grad_accum", "2"]),
+    "ddp fails": (None, lambda fixture: ["--data", fixture("multi_db").text, "--db", "{tmp}/db", "--retrieval_texts",
+                                         "{tmp}/no.txt", "--out_dir", "{tmp}", *TINY_MODEL]),
+}}
 
 
-@pytest.fixture(scope="module")
-def torchruns(multi_db, web_db, tmp_path_factory):
-    """The four runs under torchrun --nproc_per_node=2 (gloo, one thread each) below, started together: each run's
-    processes wait for one another (rendezvous, process 0's tokenizer), so side by side on two cores the four take
-    19 s rather than 26 one after another. name -> (folder, a function that waits for the run and returns it as
-    subprocess.run would)."""
-    tmp, root = tmp_path_factory.mktemp("torchrun"), Path(__file__).parent
-    one, _ = web_db
-    build = ["--chunk_len", str(DB_M), "--seq_len", str(DB_SEQ), "--vocab_size", "512"]
-    script = lambda before: (f"import os, sys\nsys.path.insert(0, {str(root)!r})\nimport build_db\n"
-                             f"from extras import build_parallel\n{before}\nbuild_parallel.main(sys.argv[1:])\n")
-    runs = {"build": (script(""), [one.text, "--out", "{tmp}/two", "--retrieval_texts", one.retrieval_texts, "--k",
-                                   "2", "--val_every", "3", *build]),
-            "build fails": (script(FAIL_IN_PROCESS_1), [multi_db.text, "--out", "{tmp}/db", *build]),
-            "ddp": (None, ["--data", multi_db.text, "--db", multi_db.out, "--out_dir", "{tmp}", *TINY_MODEL,
-                           "--max_iters", "6", "--eval_interval", "100", "--grad_accum", "2"]),
-            "ddp fails": (None, ["--data", multi_db.text, "--db", "{tmp}/db", "--retrieval_texts", "{tmp}/no.txt",
-                                 "--out_dir", "{tmp}", *TINY_MODEL])}
-    started = {}
-    for name, (code, argv) in runs.items():
-        (folder := tmp / name.replace(" ", "_")).mkdir()
-        if code:
-            (folder / "run.py").write_text(code)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(folder / "run.py") if code else "train.py", *(a.replace("{tmp}", str(folder)) for a in argv)]
-        out, err = open(folder / "stdout", "w"), open(folder / "stderr", "w")
-        started[name] = folder, subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=root,
-                                                 env={**os.environ, "OMP_NUM_THREADS": "1"}), out, err
-
-    def finished(name):
-        folder, p, out, err = started[name]
-        p.wait(timeout=300)
-        out.close(), err.close()
-        return subprocess.CompletedProcess(p.args, p.returncode, (folder / "stdout").read_text(),
-                                           (folder / "stderr").read_text())
-    yield {name: (started[name][0], functools.partial(finished, name)) for name in started}
-    for folder, p, out, err in started.values():          # a run whose test was not selected
-        p.kill()
-        out.close(), err.close()
-
-
-def test_a_build_on_two_processes_is_the_single_process_build(web_db, torchruns):
-    """torchrun --nproc_per_node=2 extras/build_parallel.py: training text and two retrieval-only texts, embedded and
-    searched in two shares; the same files, tokens, neighbours and metadata, embeddings equal up to float16 rounding."""
-    one, _ = web_db
-    folder, finished = torchruns["build"]
-    r = finished()
-    assert r.returncode == 0, r.stderr[-20000:]
-    a, b = Path(one.out), folder / "two"
-    files = sorted(str(f.relative_to(a)) for f in a.rglob("*") if f.is_file())
-    assert files == sorted(str(f.relative_to(b)) for f in b.rglob("*") if f.is_file())
-    for f in files:
-        if f.endswith("_emb.npy"):
-            assert np.allclose(np.load(a / f), np.load(b / f), atol=2e-3), f
-        elif f.endswith(".npy"):
-            assert np.array_equal(np.load(a / f), np.load(b / f)), f
-    assert build_db.load_meta(a) == build_db.load_meta(b)
-    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
-    assert r.stdout.count("wrote ") == 1                # process 0 speaks for both
-
-
-def test_a_process_that_fails_leaves_no_database_and_is_named(torchruns):
-    folder, finished = torchruns["build fails"]
-    r = finished()
-    assert r.returncode != 0
-    assert "build_parallel.py: error: process 1 of 2 failed embedding" in r.stderr and "simulated failure" in r.stderr
-    assert not (folder / "db" / "meta.json").exists() and not list((folder / "db").glob("*_emb.npy"))
+@shared
+def torchruns(request, tmp_path_factory):
+    """The runs in TORCHRUNS of the files whose selected tests read them, under torchrun --nproc_per_node=2 (gloo,
+    one thread each), started together and waited for together: a run's processes wait for one another
+    (rendezvous, process 0's tokenizer), so side by side on two cores the runs take less time than one after the
+    other, and no test runs beside them. name -> (its folder, the run as subprocess.run returns it)."""
+    files = {item.module.__name__ for item in request.session.items if "torchruns" in item.fixturenames}
+    runs = {name: run for file in sorted(files) for name, run in TORCHRUNS[file].items()}
+    tmp, started = tmp_path_factory.mktemp("torchrun"), {}
+    try:
+        for name, (code, argv) in runs.items():
+            (folder := tmp / name.replace(" ", "_")).mkdir()
+            if code:
+                (folder / "run.py").write_text(code)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   str(folder / "run.py") if code else "train.py",
+                   *(a.replace("{tmp}", str(folder)) for a in argv(request.getfixturevalue))]
+            with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+                started[name] = folder, subprocess.Popen(cmd, stdout=out, stderr=err, text=True,
+                                                         cwd=Path(__file__).parent,
+                                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for folder, p in started.values():
+            p.wait(timeout=300)
+    finally:
+        for folder, p in started.values():              # none left running after a timeout: torchrun ends its workers
+            p.terminate()
+    return {name: (folder, subprocess.CompletedProcess(p.args, p.returncode, (folder / "stdout").read_text(),
+                                                       (folder / "stderr").read_text()))
+            for name, (folder, p) in started.items()}
 
 
 def test_ddp_on_two_cpu_processes_trains(torchruns):
-    """torchrun with two processes (gloo on the CPU): the DDP path runs and writes one checkpoint."""
-    folder, finished = torchruns["ddp"]
-    r = finished()
+    """Slow, end to end: torchrun with two processes (gloo on the CPU): the DDP path runs and writes one checkpoint."""
+    folder, r = torchruns["ddp"]
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in r.stdout and "RETRO[ON]" in r.stdout
     assert torch.load(folder / "ckpt.pt", weights_only=True)["iter"] == 6
 
 
 def test_a_ddp_run_that_fails_says_why_once(torchruns):
-    """Process 0 fails building the database; process 1, waiting for it, leaves without a traceback of its own."""
-    r = torchruns["ddp fails"][1]()
+    """Slow, end to end: process 0 fails building the database; process 1, waiting for it, leaves without a
+    traceback of its own."""
+    _, r = torchruns["ddp fails"]
     assert r.returncode != 0 and r.stderr.count("train.py: error:") == 1 and "no such file" in r.stderr, r.stderr
     assert "[rank1]" not in r.stderr, r.stderr[-2000:]
 
 
-# ---- Part 4: the retrieval server, neighbours you choose, a look inside -----------------------------------
+# ---- evaluation as the paper does: every held-out token once, bits per byte by overlap ----
+
+@pytest.mark.parametrize("N, T, M", [(1000, 64, 8), (64 * 9 + 1, 64, 8), (37, 16, 4), (500, 8, 8), (130, 512, 64)])
+def test_strided_evaluation_windows_score_every_held_out_token_exactly_once(N, T, M):
+    data = train.Data.__new__(train.Data)              # a bare stream: no database needed
+    data.cfg, data.M, data.meta = train.TrainConfig(block_size=T, chunk_len=M, batch_size=3, n_neighbours=0), M, {
+        "pad_id": 0, "eot_id": 1}
+    data.tokens = {"val": np.pad(np.arange(N) % 50 + 2, (0, -N % M))}
+    data.neighbours = {"val": np.zeros((len(data.tokens["val"]) // M, 2, 2 * M), np.int64)}
+    seen, context = np.zeros(N + T + 1, int), []
+    for starts in data.eval_batches():
+        x, y, nb = data.sequences("val", starts)
+        assert x.shape == y.shape == (len(starts), T)
+        for b, s in enumerate(starts):
+            t = np.flatnonzero(y[b].numpy() >= 0)
+            t = t[t >= (M if s > 0 and T > M else 0)]     # evaluate's rule: later windows skip their first chunk
+            seen[s * M + 1 + t] += 1
+            context += list(t) if s > 0 else []
+    assert seen[0] == 0 and (seen[1:N] == 1).all() and seen[N:].sum() == 0
+    assert T == M or not context or min(context) >= M     # in a later window, a chunk of context or more
 
 
-@contextlib.contextmanager
-def serving(db):
-    """python extras/server.py, in a thread of this process, on a free localhost port: its address."""
-    server = retrieval_server.make_server(db, "127.0.0.1", 0, "cpu")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_evaluation_scores_each_held_out_text_token_once_and_its_bytes_are_the_texts(trained, multi_db):
+    out, history = trained
+    r = history["val"][40]
+    db = build_db.open_db(multi_db.out)
+    stream, meta = np.asarray(db.tokens["val"]).astype(np.int64), db.meta
+    text_targets = (stream[1:] != meta["pad_id"]) & (stream[1:] != meta["eot_id"])     # <|endoftext|> not scored
+    per_chunk = np.bincount(np.arange(1, len(stream))[text_targets] // DB_M, minlength=len(stream) // DB_M)
+    assert (r["chunks"]["tokens"] == per_chunk).all()
+    docs = build_db.split_documents(build_db.read_documents(multi_db.text), 3)[1]
+    first = len(db.tokenizer.id_to_token(int(stream[0])))                  # the stream's first token is no target
+    assert r["chunks"]["bytes"].sum() == sum(len(d.encode()) for d in docs) - first
+    assert r["on"][1] == pytest.approx(r["chunks"]["on"].sum() / math.log(2) / r["chunks"]["bytes"].sum())
 
 
-@pytest.fixture(scope="module")
-def served(grown_db):
-    """grown_db (training text and two retrieval-only texts) served, with a local Retriever of the same folder."""
-    with serving(grown_db.out) as url:
-        yield url, build_db.Retriever(grown_db.out, device="cpu")
+def test_chunk_overlap_is_the_longest_run_a_chunk_shares_with_its_neighbours_over_its_length():
+    M, pad = 8, 0
+    chunks = np.array([[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 8, 9, 10, 11, 12], [1, 2, 3, 0, 0, 0, 0, 0]])
+    nb = np.full((3, 2, 2 * M), 99)
+    nb[0, 1, 10:13] = [7, 8, 9]                         # a run of 3 in neighbour 1's continuation
+    nb[0, 0, 0:2] = [5, 6]                              # and one of 2 elsewhere: the longest counts
+    nb[1, 0, 3:11] = chunks[1]                          # the whole chunk
+    nb[2, 0, :8] = [1, 2, 3, 0, 0, 0, 0, 0]             # padding matches nothing
+    runs = build_db.longest_shared_run(np.where(chunks == pad, -2, chunks), nb, pad) / M
+    assert runs.tolist() == [3 / 8, 1.0, 3 / 8]
 
 
-def post(url, body, path="/neighbours", headers=None):
-    """A raw request: (status, parsed JSON answer)."""
-    host, port = url[len("http://"):].split(":")
-    c = http.client.HTTPConnection(host, int(port), timeout=60)
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    c.request("POST" if body is not None else "GET", path, data if body is not None else None, headers or {})
-    r = c.getresponse()
-    answer = json.loads(r.read())
-    c.close()
-    return r.status, answer
+def test_bits_per_byte_by_overlap_at_alpha_1_is_the_whole_set_and_filters_by_overlap_at_most_alpha(trained, multi_db):
+    out, history = trained
+    r = history["val"][40]
+    overlap = train.chunk_overlap(build_db.open_db(multi_db.out))
+    assert overlap.shape == r["chunks"]["tokens"].shape and ((0 <= overlap) & (overlap <= 1)).all()
+    rows = train.bpb_by_overlap(r["chunks"], overlap)
+    assert [row["alpha"] for row in rows] == list(train.ALPHAS)
+    assert rows[-1]["on"] == pytest.approx(r["on"][1]) and rows[-1]["off"] == pytest.approx(r["off"][1])
+    assert rows[-1]["share"] == 1 and all(a["chunks"] <= b["chunks"] for a, b in zip(rows, rows[1:]))
+    held = r["chunks"]["bytes"] > 0
+    for row in rows:
+        sel = held & (overlap <= row["alpha"])
+        assert row["chunks"] == sel.sum()
+        if sel.any():
+            assert row["on"] == pytest.approx(r["chunks"]["on"][sel].sum() / math.log(2) / r["chunks"]["bytes"][sel].sum())
 
 
-def test_remote_retrieval_equals_local_neighbours_and_greedy_samples(trained, grown_db, served, capsys):
-    url, local = served
-    remote = retrieval_server.RemoteRetriever(url)
-    assert remote.meta["tokenizer_sha256"] == local.meta["tokenizer_sha256"] and (remote.M, remote.k) == (DB_M, 2)
-    stream = load(grown_db, "val_tokens").reshape(-1, DB_M)
-    chunks = np.concatenate([stream[:5], np.random.default_rng(0).integers(0, 512, (3, DB_M))])
-    want, got = local.query(chunks), remote.query(chunks)
-    assert np.array_equal(want["ids"], got["ids"]) and np.array_equal(want["neighbours"], got["neighbours"])
-    assert np.allclose(want["distances"], got["distances"], atol=1e-6)
-    assert (want["ids"] >= build_db.load_meta(grown_db.out)["n_train_chunks"]).any()   # retrieval-only texts too
-    texts = ["Obadiah saw a vision concerning Edom", "Grace be with you all"]
-    assert np.array_equal(local.query(texts=texts)["ids"], remote.query(texts=texts)["ids"])
-    assert np.array_equal(local.query(texts=texts)["ids"][:, :1], remote.query(texts=texts, k=1)["ids"])
-    out, _ = trained
-    greedy = ["--sample", "Obad1:1 The vision of Obadiah", "--out_dir", str(out), "--top_k", "1",
-              "--max_new_tokens", "40", "--device", "cpu", "--show_neighbours"]
-    samples = {}
-    for db in (grown_db.out, url):
-        samples[db] = sample_tool.main(greedy + ["--db", db]), capsys.readouterr().out
-    assert samples[url] == samples[grown_db.out]                # the same text and the same neighbours shown
-    assert len(re.findall(r"--- chunk \d+:", samples[url][1])) >= 2
+@pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((9, 0), torch.bfloat16)], ids=["V100", "T4", "A100", "H100"])
+def test_dtype_auto_on_a_gpu_is_bf16_from_compute_capability_8_and_fp16_with_a_scaler_below(capability, dtype,
+                                                                                             monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    chosen, why = build_db.resolve_dtype("auto", "cuda:0")
+    assert chosen == dtype and f"compute capability {capability[0]}.{capability[1]}" in why
+    assert ("gradient scaler" in why) == (dtype == torch.float16)
 
 
-def test_evaluation_through_a_server_retrieves_the_validation_neighbours_remotely(trained, grown_db, served, capsys):
-    """--eval_only --db http://...: the model's own held-out text, its neighbours found by the server; the same
-    numbers as a local evaluation whose validation neighbours are retrieved the same way."""
-    url, local = served
-    out, _ = trained
-    remote = sample_tool.main(["--eval_only", "--out_dir", str(out), "--db", url, "--device", "cpu", "--dtype",
-                               "float32"])
-    assert url in capsys.readouterr().out
-    assert json.loads((out / "eval.jsonl").read_text().splitlines()[-1])["db"] == url
-    cfg = train.TrainConfig(block_size=DB_SEQ, chunk_len=DB_M)
-    data = train.Data(build_db.open_db(grown_db.out), cfg)
-    stored = np.asarray(data.neighbours["val"])
-    data.retrieve_val(local)
-    assert (np.asarray(data.neighbours["val"]) == stored).all(-1).all(-1).mean() > 0.9   # fp16 embeddings: ~all equal
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    model = RETRO(RetroConfig(**ckpt["model_config"])).eval()
-    model.load_state_dict(ckpt["model"])
-    data.cfg = replace(cfg, **{k: ckpt["train_config"][k] for k in ("n_neighbours", "batch_size")})
-    r = train.evaluate(model, data, contextlib.nullcontext(), "cpu")
-    assert r["on"] == pytest.approx(remote["on"], rel=1e-5) and r["off"] == pytest.approx(remote["off"], rel=1e-5)
+def test_the_fp16_path_trains_with_a_gradient_scaler_and_saves_fp32_weights(multi_db, tmp_path, monkeypatch, capsys):
+    scaled = []
+    real = torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, loss: scaled.append(self.is_enabled()) or
+                        real(self, loss))
+    history = run_train(multi_db, tmp_path, "--max_iters", "3", "--dtype", "float16", "--eval_interval", "100")
+    assert scaled and all(scaled) and all(math.isfinite(v) for v in history["loss"].values())
+    assert "--dtype float16" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
 
 
-BAD_REQUESTS = [   # (body, path, status, words in the error)
-    (b'{"chunks": [[1, 2', "/neighbours", 400, "not JSON"),
-    (b"\xff\xfe", "/neighbours", 400, "not JSON"),
-    ([[1] * DB_M], "/neighbours", 400, "JSON object"),
-    ({"chunks": [[1] * DB_M], "texts": ["a"]}, "/neighbours", 400, "JSON object"),
-    ({"texts": ["a"], "top_k": 1}, "/neighbours", 400, "not ['top_k']"),
-    ({"chunks": "ruth"}, "/neighbours", 400, "list of 1 to"),
-    ({"chunks": []}, "/neighbours", 400, "list of 1 to"),
-    ({"chunks": [[1] * DB_M] * (retrieval_server.MAX_CHUNKS + 1)}, "/neighbours", 400, "list of 1 to"),
-    ({"chunks": [[1] * (DB_M - 1)]}, "/neighbours", 400, f"list of {DB_M} integer"),
-    ({"chunks": [[1.5] * DB_M]}, "/neighbours", 400, f"list of {DB_M} integer"),
-    ({"chunks": [[True] * DB_M]}, "/neighbours", 400, f"list of {DB_M} integer"),
-    ({"chunks": [[512] * DB_M]}, "/neighbours", 400, "outside 0..511"),
-    ({"chunks": [[-1] * DB_M]}, "/neighbours", 400, "outside 0..511"),
-    ({"texts": [3]}, "/neighbours", 400, "strings"),
-    (b'{"texts": ["\\ud800"]}', "/neighbours", 400, "valid Unicode"),        # a lone surrogate: not encodable
-    (b"[" * 100_000 + b"]" * 100_000, "/neighbours", 400, "not JSON"),       # nested past Python's recursion limit
-    ({"texts": ["a"], "k": 3}, "/neighbours", 400, '"k" must be an integer from 1 to 2'),
-    (b"x" * (retrieval_server.MAX_BODY + 1), "/neighbours", 413, "more than"),
-    ({"texts": ["a"]}, "/search", 404, "POST /neighbours"),
-    (None, "/index.faiss", 404, "GET /meta"),
-]
-
-
-@pytest.mark.parametrize("body, path, status, words", BAD_REQUESTS, ids=[f"{i}-{b[3][:12]}" for i, b in
-                                                                         enumerate(BAD_REQUESTS)])
-def test_a_bad_request_gets_a_4xx_with_one_line_and_the_server_keeps_serving(served, grown_db, body, path, status,
-                                                                             words):
-    url, local = served
-    code, answer = post(url, body, path)
-    assert code == status and set(answer) == {"error"} and words in answer["error"] and "\n" not in answer["error"]
-    chunks = load(grown_db, "val_tokens").reshape(-1, DB_M)[3:5]
-    code, answer = post(url, {"chunks": chunks.tolist()})
-    assert code == 200 and answer["ids"] == local.query(chunks)["ids"].tolist()
-
-
-def test_a_request_without_a_length_is_refused_and_nothing_outside_the_database_is_served(served):
-    url, _ = served
-    host, port = url[len("http://"):].split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /neighbours HTTP/1.0\r\n\r\n")
-        assert s.makefile("rb").readline().split()[1] == b"411"
-    for path in ("/../meta.json", "/meta.json", "/%2e%2e/text.txt", "/train_tokens.npy"):
-        code, answer = post(url, None, path)
-        assert code == 404, path
-
-
-def test_a_slow_body_or_another_method_gets_a_json_error(grown_db):
-    server = retrieval_server.make_server(grown_db.out, "127.0.0.1", 0, "cpu")
-    server.RequestHandlerClass.timeout = 1                              # seconds a client may take; 60 by default
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        for raw, status in [(b"POST /neighbours HTTP/1.0\r\nContent-Length: 100\r\n\r\n{}", b"408"),
-                            (b"PUT /meta HTTP/1.0\r\n\r\n", b"501")]:
-            with socket.create_connection(server.server_address[:2], timeout=30) as s:
-                s.sendall(raw)
-                head, _, body = s.makefile("rb").read().partition(b"\r\n\r\n")
-            assert head.split()[1] == status and set(json.loads(body)) == {"error"}, head
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_a_server_under_concurrent_clients_answers_every_request_as_local_retrieval_does(served, grown_db):
-    """8 clients, 12 requests each of 1 to 4 chunks: every answer equals local retrieval, none fails."""
-    url, local = served
-    chunks = load(grown_db, "train_tokens").reshape(-1, DB_M)[::7][:40]
-    want = local.query(chunks)
-    rng = np.random.default_rng(0)
-    jobs = [rng.choice(len(chunks), rng.integers(1, 5), replace=False) for _ in range(96)]
-
-    def ask(rows):
-        return rows, post(url, {"chunks": chunks[rows].tolist()})
-    with ThreadPoolExecutor(8) as pool:
-        for rows, (code, answer) in pool.map(ask, jobs):
-            assert code == 200 and answer["ids"] == want["ids"][rows].tolist()
-            assert answer["neighbours"] == want["neighbours"][rows].tolist()
-
-
-def test_concurrent_queries_share_embedding_calls_and_each_gets_its_own_answer_or_the_error(grown_db):
-    """Threads that query while another embeds are answered together by the next one to run: fewer embedding
-    calls than queries, each query's answer as if it ran alone; an error reaches every waiting query."""
-    local = build_db.Retriever(grown_db.out, device="cpu")
-    retriever = retrieval_server.Batcher(local)
-    chunks = load(grown_db, "val_tokens").reshape(-1, DB_M)[:8].astype(np.int64)
-    alone = [local.query(chunks[i:i + 1], k=1 + i % 2) for i in range(8)]
-    embed, calls = local.embedder, []
-
-    def slow(texts):                    # long enough that the other threads queue up behind the first
-        calls.append(len(texts))
-        time.sleep(0.2)
-        return embed(texts)
-    local.embedder = type("Slow", (), {"__call__": staticmethod(slow), "dim": embed.dim})()
-    with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(lambda i: retriever.query(chunks[i:i + 1], k=1 + i % 2), range(8)))
-    assert len(calls) < 8 and sum(calls) == 8
-    for a, b in zip(alone, together):
-        assert a["ids"].shape == b["ids"].shape and np.array_equal(a["ids"], b["ids"])
-        assert np.array_equal(a["neighbours"], b["neighbours"])
-        assert np.allclose(a["distances"], b["distances"], atol=1e-5)     # padded otherwise when batched: ~1e-6
-
-    def broken(texts):
-        time.sleep(0.2)
-        raise RuntimeError("the embedder broke")
-    local.embedder = type("Broken", (), {"__call__": staticmethod(broken), "dim": embed.dim})()
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(retriever.query, chunks[i:i + 1]) for i in range(4)]
-        for f in futures:
-            with pytest.raises(RuntimeError, match="the embedder broke"):
-                f.result(timeout=60)
-
-
-def test_remote_queries_of_any_size_equal_local_ones(served, grown_db):
-    url, local = served
-    remote = retrieval_server.RemoteRetriever(url)
-    chunks = np.resize(load(grown_db, "val_tokens").reshape(-1, DB_M), (300, DB_M)).astype(np.int64)
-    assert len(chunks) > remote.meta["server"]["max_chunks"]               # more than one request holds
-    for batch in (chunks, chunks[:0]):
-        a, b = remote.query(batch), local.query(batch)
-        assert all(a[n].shape == b[n].shape and np.array_equal(a[n], b[n]) for n in ("ids", "neighbours"))
-
-
-def test_a_bad_query_fails_alone_with_what_is_wrong(grown_db):
-    """Queries are checked before they join a batch: a bad one raises in its own thread only, and says why."""
-    retriever = build_db.Retriever(grown_db.out, device="cpu")
-    chunks = load(grown_db, "val_tokens").reshape(-1, DB_M)[:4].astype(np.int64)
-    V, n = retriever.meta["vocab_size"], retriever.index.ntotal
-    for kw, words in [(dict(chunks=chunks, k=0), "k must be"), (dict(chunks=chunks, k=n + 1), "k must be"),
-                      (dict(chunks=chunks, k=-1), "k must be"), (dict(chunks=chunks[:, 1:]), "expected"),
-                      (dict(chunks=chunks + V), "token ids in"), (dict(texts="one string"), "list of strings"),
-                      (dict(texts=[None]), "list of strings")]:
-        with pytest.raises(ValueError, match=words):
-            retriever.query(**kw)
-    alone = retriever.query(chunks)["ids"]
-    with ThreadPoolExecutor(5) as pool:
-        good = [pool.submit(retriever.query, chunks) for _ in range(4)]
-        bad = pool.submit(retriever.query, texts=[None])
-        assert all(np.array_equal(f.result(timeout=60)["ids"], alone) for f in good)
-        with pytest.raises(ValueError):
-            bad.result(timeout=60)
-
-
-def test_a_server_whose_database_does_not_fit_the_model_is_refused_in_one_line(trained, tmp_path, capsys):
-    """Another text, so another tokenizer: refused before any retrieval; a server that is not there: one line."""
-    out, _ = trained
-    other = small_db(tmp_path, "other", bible_books(30, 56, 63))
-    with serving(other.out) as url:
-        for mode in (["--sample", "x"], ["--eval_only"]):
-            assert "was trained with tokenizer" in sample_error(capsys, *mode, "--out_dir", str(out), "--db", url)
-    assert "cannot reach a retrieval server" in sample_error(capsys, "--sample", "x", "--out_dir", str(out),
-                                                             "--db", url)
-    for mode in ([], ["--sample", "x"], ["--eval_only"]):               # train.py reads database folders only
-        assert "extras/sample.py --db URL" in train_error(capsys, "--db", url, "--out_dir", str(out), *mode)
-
-
-def neighbours_seen(printed, K=2):
-    """--show_neighbours' output -> for each chunk, the K neighbour texts (N + continuation) it printed."""
-    pairs = re.findall(r"neighbour \d+: (.*)\n +continues: (.*)", printed)
-    return [[ast.literal_eval(n) + ast.literal_eval(f) for n, f in pairs[u:u + K]] for u in range(0, len(pairs), K)]
-
-
-def test_a_neighbours_file_gives_each_chunk_the_neighbours_it_says(trained, multi_db, tmp_path, capsys):
-    """Chunk 0 retrieves (null), chunk 1 reads one text as both neighbours, chunk 2 two texts, chunk 3 none:
-    the sample is the model's generation with exactly those tokens as neighbours, and not the retrieved one's."""
-    out, _ = trained
-    boaz = "And Boaz said unto Ruth, Hearest thou not, my daughter? Go not to glean in another field, " * 2
-    entries = [None, boaz, ["Jonah rose up to flee unto Tarshish", "Grace be with you all. Amen."], ""]
-    (tmp_path / "nb.json").write_text(json.dumps(entries))
-    run = ["--sample", "Ruth1:1 Now it came to pass in the days when the judges ruled", "--out_dir", str(out),
-           "--db", multi_db.out, "--device", "cpu", "--max_new_tokens", "56", "--show_neighbours"]
-    sample_tool.main(run)
-    shown = neighbours_seen(capsys.readouterr().out)
-    chosen, shown_chosen = sample_tool.main(run + ["--neighbours_file", str(tmp_path / "nb.json")]), \
-        neighbours_seen(capsys.readouterr().out)
-    assert len(shown) == len(shown_chosen) >= 4 and shown_chosen[0] == shown[0]          # null: retrieved
-    tok = Tokenizer.from_file(str(Path(multi_db.out) / "tokenizer.json"))
-    R = 2 * DB_M
-    as_tokens = lambda text: (tok.encode(text).ids + [0] * R)[:R]           # cut or padded to 2M tokens, pad = 0
-    assert tok.encode(shown_chosen[1][0]).ids == as_tokens(boaz) and shown_chosen[1][0] == shown_chosen[1][1]
-    assert [tok.decode(as_tokens(t)) for t in entries[2]] == shown_chosen[2] == entries[2]     # padding not shown
-    assert shown_chosen[3] == ["", ""] and shown_chosen[1] != shown[1]
-    (tmp_path / "long.json").write_text(json.dumps(entries + [None] * 20))    # more entries than chunks: said
-    assert sample_tool.main(run + ["--neighbours_file", str(tmp_path / "long.json")]) == chosen
-    assert re.search(r"note: --neighbours_file has 24 entries; .* were not used", capsys.readouterr().err)
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    model = RETRO(RetroConfig(**ckpt["model_config"])).eval()
-    model.load_state_dict(ckpt["model"])
-    local, chunk_number = build_db.Retriever(multi_db.out, device="cpu"), iter(range(100))
-
-    def retrieve(chunk):                                                    # what the file says, chunk by chunk
-        e = entries[u] if (u := next(chunk_number)) < len(entries) else None
-        e = [e] * 2 if isinstance(e, str) else e
-        return local(chunk)[:, :2] if e is None else torch.tensor([[as_tokens(t) for t in e]])
-    torch.manual_seed(1337)                                                 # train.py's seed, temperature, top_k
-    expected = model.generate(torch.tensor([tok.encode(run[1]).ids]), 56, retrieve, 0.8, 50)
-    assert chosen == tok.decode(expected[0].tolist(), skip_special_tokens=False)
-
-
-def test_choosing_neighbours_at_the_keyboard_is_the_same_as_a_file_saying_it(trained, multi_db, tmp_path, capsys,
-                                                                              monkeypatch):
-    out, _ = trained
-    boaz = "And Boaz said unto Ruth, Hearest thou not, my daughter? Go not to glean in another field"
-    typed = iter(["", boaz, "-"])
-
-    def keyboard(prompt):                               # then the end of input: the rest keep what was retrieved
-        try:
-            return next(typed)
-        except StopIteration:
-            raise EOFError from None
-    monkeypatch.setattr("builtins.input", keyboard)
-    run = ["--sample", "Ruth1:1 Now it came to pass in the days when the judges ruled", "--out_dir", str(out),
-           "--db", multi_db.out, "--device", "cpu", "--max_new_tokens", "56"]
-    at_keyboard = sample_tool.main(run + ["--choose_neighbours"])
-    printed = capsys.readouterr().out
-    assert len(re.findall(r"--- chunk \d+:", printed)) >= 4 and boaz in printed     # shown, and echoed when piped
-    (tmp_path / "nb.json").write_text(json.dumps([None, boaz, ""]))
-    assert at_keyboard == sample_tool.main(run + ["--neighbours_file", str(tmp_path / "nb.json")])
-
-
-@pytest.mark.parametrize("entries, words", [("{", "Expecting"), ('{"a": 1}', "JSON list"), ('[["one"]]', "list of 2"),
-                                            ("[3]", "entry 0")])
-def test_a_bad_neighbours_file_is_one_clear_line(trained, multi_db, tmp_path, capsys, entries, words):
-    out, _ = trained
-    (tmp_path / "nb.json").write_text(entries)
-    assert words in sample_error(capsys, "--sample", "x", "--out_dir", str(out), "--db", multi_db.out,
-                                 "--neighbours_file", str(tmp_path / "nb.json"))
-
-
-def test_the_look_inside_command_prints_a_chunks_stored_neighbours_and_a_texts_nearest_chunks(multi_db, capsys):
-    tok = Tokenizer.from_file(str(Path(multi_db.out) / "tokenizer.json"))
-    c = 5
-    show_tool.main([f"train:{c}", "--db", multi_db.out])
-    printed = capsys.readouterr().out
-    ids, nb = load(multi_db, "train_neighbour_ids")[c], load(multi_db, "train_neighbours")[c]
-    assert [int(i) for i in re.findall(r"neighbour \d: chunk (\d+) \(training text\)", printed)] == ids.tolist()
-    for j in range(2):
-        assert repr(tok.decode(nb[j, :DB_M].tolist())) in printed and repr(tok.decode(nb[j, DB_M:].tolist())) in printed
-    text = tok.decode(load(multi_db, "train_tokens")[c * DB_M:(c + 1) * DB_M].tolist())
-    show_tool.main([text, "--db", multi_db.out])
-    assert re.search(rf"neighbour 0: chunk {c} \(training text\), distance 0\.000", capsys.readouterr().out)
-    for bad in ("val:100000", "train:-1", "val: -2"):
-        with pytest.raises(SystemExit) as e:
-            show_tool.main([bad, "--db", multi_db.out])
-        assert ":0 to " in str(e.value.code) and "\n" not in str(e.value.code), bad
+def test_on_mps_auto_is_fp32_and_nothing_is_compiled(monkeypatch):
+    assert build_db.resolve_dtype("auto", "mps") == (torch.float32,
+                                                     "fp32 on MPS: bf16 autocast there is partial and unmeasured")
+    monkeypatch.setattr(train.shutil, "which", lambda name: f"/usr/bin/{name}")
+    for flag in ("auto", "encoder", "model"):
+        compiled, why = train.compile_plan(train.TrainConfig(compile=flag), "mps", torch.float32, 300)
+        assert compiled == "none" and (flag == "auto" or "ignored on MPS" in why)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build_db.resolve_device("auto") == "mps"

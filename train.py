@@ -10,7 +10,9 @@ Train RETRO on a text file, measure what retrieval buys, and sample with retriev
 Extras: `python extras/sample.py` samples with each chunk's neighbours shown, chosen or typed, and samples or
 evaluates with a served database (extras/server.py).
 
-Every option is a field of TrainConfig below; `python train.py -h` lists them with their defaults.
+Every option is a field of TrainConfig below; `python train.py -h` lists them with their defaults. The file
+reads as the run goes: configuration, data, the model and the machine, the training loop; then evaluation,
+checkpoints and sampling, which the loop's end calls.
 """
 
 import json
@@ -22,6 +24,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -76,7 +79,7 @@ class TrainConfig:
     eval_only: bool = False         # evaluate out_dir/ckpt.pt on the database's whole validation set, no training
     seed: int = 1337
     device: str = "auto"            # auto: cuda, then mps, then cpu
-    dtype: str = "auto"             # auto: bf16 autocast on CUDA and CPUs with AMX, else fp32; float32; bfloat16
+    dtype: str = "auto"             # auto: bf16 where the GPU or CPU computes it, fp16 on older GPUs, else fp32
     compile: str = "auto"           # auto: the neighbour encoder under bf16 on a CPU, 200+ steps; encoder; model; none
     peak_tflops: float = 0.0        # for MFU; 0: an H100's bf16 dense peak on CUDA, none on CPU (bench/peak_flops.py)
     # sampling
@@ -118,10 +121,6 @@ def is_number(text) -> bool:
         return False
 
 
-def fail(msg, prog: str = "train.py"):
-    sys.exit(f"{prog}: error: {msg}" if os.environ.get("RANK", "0") == "0" else 1)   # torchrun: rank 0 says it
-
-
 # ---- data: chunk-aligned sequences with their precomputed neighbours ---------------------------------------
 
 class Data:
@@ -131,27 +130,24 @@ class Data:
         self.cfg, self.meta, self.M, self.tokenizer = cfg, db.meta, cfg.chunk_len, db.tokenizer
         self.synthetic = synthetic_share(cfg, db)
         self.tokens, self.neighbours = db.tokens, dict(db.neighbours)      # a copy: retrieve_val replaces one
-        # bytes of text behind each token, for bits per byte: a byte-level BPE token is one character per byte
+        # bits per byte count the text's bytes: a byte-level BPE token is one character per byte, and the two
+        # special tokens hold none (<|endoftext|> is not scored: see evaluate)
         special = (db.meta["pad_id"], db.meta["eot_id"])
         self.token_bytes = torch.tensor([0 if i in special else len(db.tokenizer.id_to_token(i))
                                          for i in range(db.tokenizer.get_vocab_size())])
 
     def sequences(self, split: str, starts):
         """Sequences of block_size tokens starting at the given chunks: inputs (B, T), targets (B, T) with -1
-        at padding, and the neighbours of their chunks (B, T // M, K, R)."""
-        T, M, K = self.cfg.block_size, self.M, self.cfg.n_neighbours
-        tok = self.tokens[split]
-        x = np.stack([tok[s * M:s * M + T] for s in starts]).astype(np.int64)
-        y = np.stack([tok[s * M + 1:s * M + T + 1] for s in starts]).astype(np.int64)
-        y[y == self.meta["pad_id"]] = -1
-        nb = np.stack([self.neighbours[split][s:s + T // M, :K] for s in starts]).astype(np.int64)
+        at padding, and the neighbours of their chunks (B, T // M, K, R). Past the stream's end: padding."""
+        T, M, K, pad = self.cfg.block_size, self.M, self.cfg.n_neighbours, self.meta["pad_id"]
+        tok, nbs = self.tokens[split], self.neighbours[split]
+        xy = np.stack([np.pad(tok[s * M:s * M + T + 1], (0, max(0, s * M + T + 1 - len(tok))), constant_values=pad)
+                       for s in starts]).astype(np.int64)                       # (B, T + 1)
+        nb = np.stack([np.pad(nbs[s:s + T // M, :K], ((0, max(0, s + T // M - len(nbs))), (0, 0), (0, 0)),
+                              constant_values=pad) for s in starts]).astype(np.int64)   # (B, L, K, R)
+        x, y = xy[:, :-1], xy[:, 1:].copy()
+        y[y == pad] = -1
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(nb) if K else None
-
-    def retrieve_val(self, retriever, batch: int = 256):
-        """Validation neighbours found now by retriever (e.g. a server's), in place of the stored ones."""
-        chunks = np.asarray(self.tokens["val"]).reshape(-1, self.M)
-        self.neighbours["val"] = np.concatenate([retriever.query(chunks[i:i + batch])["neighbours"] for i in tqdm(
-            range(0, len(chunks), batch), desc="retrieve val", leave=False, disable=None)])
 
     def n_starts(self, split):
         return (len(self.tokens[split]) - self.cfg.block_size - 1) // self.M + 1
@@ -167,13 +163,247 @@ class Data:
         return x, y, nb
 
     def eval_batches(self, n_batches=None):
-        """Non-overlapping validation sequences, in order; n_batches spaced evenly, or all of them."""
-        starts = np.arange(0, self.n_starts("val"), self.cfg.block_size // self.M)
+        """Evaluation windows over the held-out stream, in batches: windows of block_size tokens that start a
+        chunk and overlap by one chunk (a stride of L - 1 chunks), so that every held-out token is scored once,
+        in the window where it has the most context: the first window scores all its positions, the others all
+        but their first chunk, whose tokens the window before scored (evaluate). Each scored token past the
+        stream's first M - 1 reads the neighbours of the chunk before it. n_batches: that many, evenly spaced."""
+        T, M = self.cfg.block_size, self.M
+        stride = max(T // M - 1, 1)                                             # in chunks
+        starts = stride * np.arange(1 + max(0, math.ceil((len(self.tokens["val"]) - 1 - T) / (stride * M))))
         batches = np.array_split(starts, math.ceil(len(starts) / self.cfg.batch_size))
         if n_batches and n_batches < len(batches):
             batches = [batches[i] for i in np.linspace(0, len(batches) - 1, n_batches).astype(int)]
         return batches
 
+    def retrieve_val(self, retriever, batch: int = 256):
+        """Validation neighbours found now by retriever (e.g. a server's), in place of the stored ones."""
+        chunks = np.asarray(self.tokens["val"]).reshape(-1, self.M)
+        self.neighbours["val"] = np.concatenate([retriever.query(chunks[i:i + batch])["neighbours"] for i in tqdm(
+            range(0, len(chunks), batch), desc="retrieve val", leave=False, disable=None)])
+
+
+# ---- the model and the machine ------------------------------------------------------------------------------
+
+def machine(cfg: TrainConfig) -> tuple:
+    """torchrun or not (DDP: nccl on GPUs, gloo on CPUs), the device and the number format of products:
+    (ddp, rank, world size, device, dtype, why that dtype)."""
+    ddp, rank, world = "RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = build_db.resolve_device(cfg.device)
+    if ddp:
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if device.startswith("cuda") else device
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return (ddp, rank, world, device, *build_db.resolve_dtype(cfg.dtype, device))
+
+
+def build_model(cfg: TrainConfig, db: build_db.Database, device: str) -> tuple:
+    """The model and AdamW: new, RETRO-fitted from a baseline (--retrofit), or resumed (--resume); the step."""
+    torch.manual_seed(cfg.seed)
+    model = RETRO(model_config(cfg, db.meta)).to(device)
+    if cfg.retrofit:
+        base = load_checkpoint(Path(cfg.retrofit), db.meta, db.path)
+        if base["model_config"] != asdict(model.config):
+            raise DBError(f"{cfg.retrofit} has another model config: pass the model flags it was trained with")
+        model.load_state_dict(base["model"])
+        for block in model.blocks:                    # start exactly as the baseline: CCA adds 0 until it learns
+            if block.cca is not None:
+                torch.nn.init.zeros_(block.cca.attn.proj.weight)
+        model.set_trainable(decoder=False)            # RETRO-fitting: only the encoder and CCA learn
+    elif cfg.n_neighbours == 0:
+        model.set_trainable(retrieval=False)          # the baseline: encoder and CCA stay unused
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           device.split(":")[0])
+    if not cfg.resume:
+        return model, optimizer, 0
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path, db.meta, db.path)
+    if ckpt["model_config"] != asdict(model.config):
+        raise DBError(f"{ckpt_path} was trained with another model config: pass its model flags, or another "
+                      "--out_dir")
+    model.load_state_dict(ckpt["model"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError:                                # other parameters were trained
+        tc = ckpt["train_config"]
+        raise DBError(f"{ckpt_path} trained other parameters: resume with --retrofit {tc['retrofit']!r} "
+                      f"--n_neighbours {tc['n_neighbours']}, as it was trained") from None
+    if ckpt["iter"] > cfg.max_iters:
+        raise DBError(f"{ckpt_path} is at step {ckpt['iter']}, past --max_iters {cfg.max_iters}: pass a larger "
+                      "--max_iters")
+    return model, optimizer, ckpt["iter"]
+
+
+def compile_plan(cfg: TrainConfig, device: str, dtype: torch.dtype, steps: int) -> tuple:
+    """--compile -> (what torch.compile compiles: "encoder", "model" or "none", why). auto compiles the neighbour
+    encoder under bf16 on a CPU. It reads 4x the decoder's tokens, and its norms, GELU and casts are memory-bound
+    work that bf16 does not speed up and fusion does: a bf16 step 1.2x faster, an fp32 one not at all
+    (bench/RESULTS.md). The first step pays for the compilation (~30 s on 2 cores, cached for later runs), so
+    auto compiles for runs of 200 steps or more. On a CPU, compiled code is built with a C++ compiler."""
+    cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")     # what inductor calls
+    cpu = device.startswith("cpu")
+    if cfg.compile == "auto":
+        if not (cpu and dtype == torch.bfloat16 and cfg.n_neighbours and steps >= 200):
+            return "none", ""
+        if not shutil.which(cxx):
+            return "none", f"the encoder not compiled: no C++ compiler ({cxx}; set CXX)"
+        return "encoder", "the neighbour encoder compiled in the first step (--compile auto)"
+    if cfg.compile != "none" and cpu and not shutil.which(cxx):
+        raise DBError(f"--compile {cfg.compile} needs a C++ compiler on a CPU and {cxx} is not found: install one "
+                      "(or set CXX), or pass --compile none")
+    if cfg.compile != "none" and device.startswith("mps"):
+        return "none", f"--compile {cfg.compile} ignored on MPS (inductor does not build for Apple GPUs)"
+    return cfg.compile, "" if cfg.compile == "none" else f"--compile {cfg.compile}"
+
+
+def get_lr(cfg: TrainConfig, it: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio of the peak (paper, appendix C.1)."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / cfg.warmup_iters
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---- training: set up, loop, finish -------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> dict:
+    run = setup(cfg)
+    history = loop(cfg, run)
+    finish(cfg, run, history)
+    return history
+
+
+def setup(cfg: TrainConfig) -> SimpleNamespace:
+    """The machine, the database (process 0 builds it if it must), the model, and what wraps it."""
+    ddp, rank, world, device, dtype, dtype_why = machine(cfg)
+    run = SimpleNamespace(ddp=ddp, rank=rank, master=rank == 0, device=device, ctx=autocast(device, dtype),
+                          print0=print if rank == 0 else (lambda *a, **k: None))
+    db = prepare_db(cfg) if run.master else None
+    if ddp:
+        try:
+            torch.distributed.barrier()
+        except RuntimeError:                          # process 0 failed, and said why
+            sys.exit(1)
+    run.db = db = db or prepare_db(cfg)
+    run.data = Data(db, cfg)
+    run.model, run.optimizer, run.start = build_model(cfg, db, device)
+    run.raw_model = raw = run.model                   # not wrapped by DDP or compile: what is saved and sampled
+    # fp16 (GPUs without fast bf16) needs its loss scaled so that small gradients do not vanish; bf16 and fp32 not
+    run.scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    run.peak = cfg.peak_tflops * 1e12 or (989e12 if device.startswith("cuda") else 0)   # an H100's bf16 dense peak
+    run.flops = training_flops(raw, run.data, device) * cfg.batch_size * cfg.grad_accum if run.peak else 0
+    run.compiled, compile_why = compile_plan(cfg, device, dtype, cfg.max_iters - run.start)
+    if run.compiled == "model":
+        run.model = torch.compile(run.model)
+    elif run.compiled == "encoder":
+        raw.encoder.compile()                         # in place: the same weights, and the same names in checkpoints
+    if run.compiled != "none" and device.startswith("cpu"):
+        # compiled, the embedding's gradient is a scatter-add whose threads add in the order they finish: without
+        # inductor's deterministic kernels a run would not repeat itself, nor --resume its run (for good here)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if ddp:
+        run.model = DDP(run.model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+    run.tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
+    trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    run.print0(f"RETRO: {raw.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained, K={cfg.n_neighbours}; "
+               f"{world} process(es) on {device}, {dtype_why}{compile_why and ', '}{compile_why}; "
+               f"{run.tokens_per_step:,} tokens per step" + (f"; MFU against {run.peak / 1e12:.3g} TFLOP/s"
+                                                             if run.peak else ""))
+    if cfg.n_neighbours:              # measured before training: what retrieval can do for this text
+        copies = f"; so {run.data.synthetic:.0%} of training chunks read an edited copy of their continuation " \
+                 f"(--synthetic {cfg.synthetic})" if run.data.synthetic else ""
+        run.print0(f"retrieval outlook: {build_db.outlook(db.overlap())}{copies}")
+    return run
+
+
+def loop(cfg: TrainConfig, run: SimpleNamespace) -> dict:
+    """The training steps: gradient accumulation; process 0 evaluates and saves every eval_interval steps."""
+    history = {"loss": {}, "val": {}}               # step -> training loss, step -> evaluation
+    run.ckpt_path, run.log_path = Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.jsonl"
+    if run.master and not cfg.resume:               # log: one JSON line per evaluation
+        run.log_path.unlink(missing_ok=True)
+    model, optimizer, start = run.model, run.optimizer, run.start
+    run.train_time = first = 0.0                    # seconds in training steps (not evaluation); in the first
+    for it in range(start, cfg.max_iters):
+        if it % cfg.eval_interval == 0 and it > start and run.master:
+            with eager():
+                r = history["val"][it] = evaluate(run.raw_model, run.data, run.ctx, run.device, cfg.eval_iters)
+            run.print0(f"step {it}: val loss {r['on'][0]:.4f} (bpb {r['on'][1]:.4f}), retrieval off {r['off'][0]:.4f}")
+            log_eval(run.log_path, it, r, run.tokens_per_step)
+            save_checkpoint(run.ckpt_path, run.raw_model, optimizer, cfg, it, run.db.meta)
+        t0, lr = time.time(), get_lr(cfg, it)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(cfg.seed + 1_000_003 * it + run.rank)   # dropout too replays exactly on --resume
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y, nb = (t.to(run.device) if t is not None else None for t in run.data.batch("train", it, micro,
+                                                                                              run.rank))
+            sync = not run.ddp or micro == cfg.grad_accum - 1      # DDP: all-reduce on the last micro-step only
+            with run.ctx, (nullcontext() if sync else model.no_sync()):
+                loss = model(x, nb, y)[1] / cfg.grad_accum
+                run.scaler.scale(loss).backward()
+            step_loss += loss.detach()                         # the mean over micro-steps (rank 0's)
+        run.scaler.unscale_(optimizer)                         # the clip sees true gradients
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
+        run.scaler.step(optimizer)                             # fp16: skipped if a gradient overflowed
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if log := (it + 1) % cfg.log_interval == 0 or it == start:
+            history["loss"][it + 1] = step_loss.item()                  # .item() waits for the GPU: time is right
+        run.train_time += time.time() - t0
+        if it == start:
+            first = run.train_time                      # the first step compiles, if anything is compiled
+        if log:
+            dt = (run.train_time - first) / (it - start) if it > start else 0     # the steps after the first
+            mfu = f"MFU {run.flops / dt / run.peak:.1%}, " if run.peak and dt else ""
+            rate = (f"{run.tokens_per_step / dt:,.0f} tokens/s, {mfu}{dt * (cfg.max_iters - it - 1) / 60:.1f} min left"
+                    if dt else f"{first:.1f} s (the first step{', compiling' if run.compiled != 'none' else ''})")
+            run.print0(f"step {it + 1}/{cfg.max_iters}: loss {history['loss'][it + 1]:.4f}, lr {lr:.2e}, {rate}")
+    return history
+
+
+def finish(cfg: TrainConfig, run: SimpleNamespace, history: dict):
+    """The end: a checkpoint, the whole validation set with the oracle check, the report, a sample."""
+    if run.master:
+        with eager():
+            save_checkpoint(run.ckpt_path, run.raw_model, run.optimizer, cfg, cfg.max_iters, run.db.meta)
+            r = history["val"][cfg.max_iters] = evaluate(run.raw_model, run.data, run.ctx, run.device,
+                                                         desc="final eval")
+            probe = retrieval_probe(run.raw_model, run.data, ctx=run.ctx, device=run.device) if cfg.n_neighbours \
+                else None
+            log_eval(run.log_path, cfg.max_iters, r, run.tokens_per_step, final=True, probe=probe)
+            print(f"trained {cfg.max_iters - run.start} steps in {run.train_time / 60:.1f} min")
+            report(r, probe, run.db.meta)
+            retriever = Retriever(run.db.path, run.device) if cfg.n_neighbours else None
+            sample_held_out(run.raw_model.eval(), run.data, retriever, cfg, run.device)
+    if run.ddp:     # the others wait for process 0's evaluation: a group torn down by one process alone can abort
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def eager():
+    """What torch.compile compiled, it compiled for training's shapes: evaluation and generation (no gradients,
+    other shapes) run it eagerly under this context rather than compile it again."""
+    return torch.compiler.set_stance("force_eager")
+
+
+def training_flops(model, data, device) -> float:
+    """FLOPs of one training sequence (forward + backward), as torch's FlopCounterMode counts them: one
+    sequence's pass, a fraction of a step (the matrix products; recompute_ffw's GELU is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, y, nb = (t[:1].to(device) if t is not None else None for t in data.batch("train", 0, 0, 0))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x, nb, y)[1].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+# ---- the edited-copy recipe (--synthetic): a reason to read, where the database rarely holds one -----------
 
 SYNTHETIC_AUTO = 0.5                # --synthetic auto's share, where the database rarely holds what follows a chunk
 
@@ -214,27 +444,72 @@ def add_edited_copies(nb, stream, starts, M: int, share: float, rng, pad: int, e
             nb[b, u, -1] = torch.from_numpy(edited_copy(stream, (s + u) * M, 2 * M, rng, pad, eot, shift=M // 4))
 
 
-# ---- evaluation -------------------------------------------------------------------------------------------
+# ---- evaluation ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, data, ctx, device, n_batches=None, desc="eval"):
-    """Validation loss (nats per token) and bits per byte of text, with retrieval (RETRO[ON]) and with the
-    neighbours withheld (RETRO[OFF]; the same as ON for a model trained without neighbours)."""
+def evaluate(model, data, ctx, device, n_batches=None, desc="eval") -> dict:
+    """Held-out loss (nats per token) and bits per byte with the retrieved neighbours (RETRO[ON]) and with them
+    withheld, the same weights (RETRO[OFF]; for a model trained without neighbours, the same as ON), and both
+    per chunk of the held-out stream ("chunks": nats and bytes of the tokens in each chunk, for bpb_by_overlap).
+
+    Every held-out token is scored once (Data.eval_batches), and every one after the stream's first M - 1 reads
+    neighbours, with at least M tokens of context. The paper (section 4.1) scores each document on its own in
+    windows of n = 2048 tokens with a stride of 1024, so a token has n/2 of context or more, and a document's
+    first chunk reads nothing (RET(C_1) = {}); here the windows run across documents, as training's sequences do,
+    with a stride of n - m: the same context at 1.14x the forward passes of disjoint windows, rather than 2x.
+    Bits per byte are the paper's (equation 5): the chunks' summed loss over the bytes of text they hold.
+    <|endoftext|> holds none and is not scored: the paper's documents are scored whole, with no end to predict."""
     model.eval()
-    nll, n_tokens, n_bytes = {"on": 0.0, "off": 0.0}, 0, 0
+    M, T, eot = data.M, data.cfg.block_size, data.meta["eot_id"]
+    n_chunks = len(data.tokens["val"]) // M
+    chunks = {k: torch.zeros(n_chunks, dtype=torch.float64) for k in ("on", "off", "tokens", "bytes")}
+    modes = ("on", "off") if data.cfg.n_neighbours else ("on",)
     for starts in tqdm(data.eval_batches(n_batches), desc=desc, leave=False, disable=None):
         x, y, nb = (t.to(device) if t is not None else None for t in data.sequences("val", starts))
-        n_tokens += (y >= 0).sum().item()
-        n_bytes += data.token_bytes.to(device)[y[y >= 0]].sum().item()
-        for mode, neighbours in (("on", nb), ("off", None)) if nb is not None else (("on", None),):
+        later = torch.as_tensor(starts, device=device)[:, None] > 0                # (B, 1): not the first window
+        y[(y == eot) | later & (torch.arange(T, device=device) < (M if T > M else 0))] = -1   # (B, T)
+        scored = (y >= 0).cpu()
+        chunk = ((torch.as_tensor(starts)[:, None] * M + torch.arange(1, T + 1)) // M)[scored]  # each target's chunk
+        chunks["tokens"].index_add_(0, chunk, torch.ones(len(chunk), dtype=torch.float64))
+        chunks["bytes"].index_add_(0, chunk, data.token_bytes[y.cpu()[scored]].double())
+        for mode in modes:
             with ctx:
-                logits = model(x, neighbours)[0]
-            nll[mode] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
-                                         reduction="sum").item()
-    if data.cfg.n_neighbours == 0:
-        nll["off"] = nll["on"]
+                logits = model(x, nb if mode == "on" else None)[0]
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
+            chunks[mode].index_add_(0, chunk, nll.view(y.shape).cpu()[scored].double())
+    if len(modes) == 1:
+        chunks["off"] = chunks["on"]
     model.train()
-    return {mode: (v / n_tokens, v / math.log(2) / n_bytes) for mode, v in nll.items()}
+    n_tokens, n_bytes = chunks["tokens"].sum().item(), chunks["bytes"].sum().item()
+    r = {m: (chunks[m].sum().item() / n_tokens, chunks[m].sum().item() / math.log(2) / n_bytes) for m in ("on", "off")}
+    r["chunks"] = {k: v.numpy() for k, v in chunks.items()}
+    return r
+
+
+ALPHAS = (0, 0.125, 0.25, 0.5, 1)   # the overlaps at which bpb_by_overlap filters (paper, Figure 6)
+
+
+def chunk_overlap(db: build_db.Database, k: int = 10) -> np.ndarray:
+    """r(C) of each held-out chunk C (section 2.6): the longest run of C's tokens that one of its k nearest
+    chunks [N, F] also holds, over M. The paper takes 10 neighbours from the training data; these come from the
+    whole database (training and retrieval-only text: what retrieval reads)."""
+    M, pad, eot = db.meta["corpus"]["chunk_len"], db.meta["pad_id"], db.meta["eot_id"]
+    chunks = np.asarray(db.tokens["val"]).reshape(-1, M)
+    ids = build_db.read_index(db.path, db.meta).search(np.load(db.path / "val_emb.npy").astype(np.float32), k)[1]
+    nb = build_db.neighbour_tokens(db.chunks(), ids, M, pad, eot)                    # (chunks, k, 2M)
+    return build_db.longest_shared_run(np.where(chunks == pad, -2, chunks), nb, pad) / M
+
+
+def bpb_by_overlap(chunks: dict, overlap: np.ndarray, modes=("on", "off"), alphas=ALPHAS) -> list:
+    """bpb(alpha) of the paper's equation 5 for each mode of evaluate's chunks: bits per byte over the held-out
+    chunks whose overlap r(C) is at most alpha (alpha = 1: the whole set), and how many chunks that is."""
+    rows, held = [], chunks["bytes"] > 0
+    for a in alphas:
+        sel = held & (overlap <= a + 1e-9)
+        n_bytes = max(chunks["bytes"][sel].sum(), 1)
+        rows.append(dict(alpha=a, chunks=int(sel.sum()), share=sel.sum() / held.sum(),
+                         **{m: chunks[m][sel].sum() / math.log(2) / n_bytes for m in modes}))
+    return rows
 
 
 @torch.no_grad()
@@ -254,6 +529,7 @@ def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu"):
         oracle = torch.from_numpy(ahead).unfold(1, 2 * M, M)[:, :T // M, None].expand(-1, -1, K, -1)  # (B, L, K, R)
         nb = nb if nb is not None else oracle.new_full(oracle.shape, pad)
         shuffled = nb.flatten(0, 1)[torch.randperm(nb.size(0) * nb.size(1), generator=g)].view_as(nb)
+        y[y == data.meta["eot_id"]] = -1
         x, y = x.to(device), y[:, M - 1:].to(device)
         for mode, neighbours in (("none", None), ("stored", nb), ("shuffled", shuffled), ("oracle", oracle)):
             with ctx:
@@ -265,11 +541,13 @@ def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu"):
     return {mode: v / n for mode, v in total.items()}
 
 
-def report(r: dict, probe: dict, meta: dict):
+def report(r: dict, probe: dict, meta: dict, by_overlap: list = None):
     """The end of a run, in words: held-out bits per byte with the retrieved neighbours and with them withheld
-    (the same weights), and what the oracle check says about whether the model reads them."""
+    (the same weights), what the oracle check says about whether the model reads them, and, given
+    bpb_by_overlap's rows, the bits per byte on the chunks that overlap the database at most so much."""
     (on, off), n = (r["on"][1], r["off"][1]), meta["n_val_documents"]
-    print(f"held-out text: {n} document{'s' * (n > 1)} never trained on ({meta['n_val_tokens']:,} tokens)")
+    tokens = int(r["chunks"]["tokens"].sum())
+    print(f"held-out text: {n} document{'s' * (n > 1)} never trained on ({tokens:,} tokens scored, each once)")
     if probe is None:
         print(f"  bits per byte (no retrieval)                                    {on:.4f}")
         return
@@ -279,6 +557,12 @@ def report(r: dict, probe: dict, meta: dict):
     verdict = ("the model reads its neighbours" if fall >= 0.1 else "it reads them a little" if fall >= 0.02
                else "it hardly reads its neighbours")
     print(f"  oracle check: given the true continuation as its neighbour, the loss falls by {fall:.0%}: {verdict}")
+    if by_overlap:
+        print("  by overlap r(C), the longest run a held-out chunk shares with its 10 nearest chunks over its length "
+              "(paper, section 2.6):\n    r(C) <=   chunks          ON       OFF   ON vs OFF")
+        for row in (row for row in by_overlap if row["chunks"]):      # no chunk at an alpha: no row
+            print(f"    {row['alpha']:<8g}{row['chunks']:6,} ({row['share']:4.0%})  {row['on']:.4f}  {row['off']:.4f}"
+                  f"   {row['on'] / row['off'] - 1:+.1%}")
 
 
 def log_eval(path: Path, step: int, r: dict, tokens_per_step: int, final: bool = False, **extra):
@@ -288,13 +572,33 @@ def log_eval(path: Path, step: int, r: dict, tokens_per_step: int, final: bool =
                                 bpb_on=r["on"][1], loss_off=r["off"][0], bpb_off=r["off"][1], **extra)) + "\n")
 
 
-# ---- database and checkpoints ---------------------------------------------------------------------------
+def evaluate_checkpoint(cfg: TrainConfig, retriever=None) -> dict:
+    """--eval_only: the whole held-out set with the database's stored neighbours, or with those that retriever
+    finds now (a server's: extras/sample.py), the oracle check, and bits per byte by overlap."""
+    ckpt, cfg = trained_model(cfg)
+    device = build_db.resolve_device(cfg.device)
+    dtype, _ = build_db.resolve_dtype(cfg.dtype, device)
+    ckpt_path, tc = Path(cfg.out_dir) / "ckpt.pt", ckpt["train_config"]
+    if retriever is not None:                       # its database must fit the model, as the held-out text's does
+        load_checkpoint(ckpt_path, retriever.meta, getattr(retriever, "url", "the retriever"), ckpt)
+    db = prepare_db(cfg, training=False)
+    load_checkpoint(ckpt_path, db.meta, db.path, ckpt)
+    data, model, ctx = Data(db, cfg), load_model(ckpt, device), autocast(device, dtype)
+    if retriever is not None:
+        data.retrieve_val(retriever)
+    r = evaluate(model, data, ctx, device, desc="eval")
+    r["probe"] = retrieval_probe(model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
+    # the overlap of the held-out text with the model's own database (a server's is mostly the same one)
+    r["by_overlap"] = bpb_by_overlap(r["chunks"], chunk_overlap(db)) if cfg.n_neighbours else None
+    where = getattr(retriever, "url", str(db.path))
+    print(f"{ckpt_path} (step {ckpt['iter']}) with {where}:")
+    report(r, r["probe"], db.meta, r["by_overlap"])
+    log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
+             tc["block_size"], final=True, db=where, probe=r["probe"], by_overlap=r["by_overlap"])
+    return r
 
-def trained_with(cfg: TrainConfig, tc: dict) -> TrainConfig:
-    """cfg with the database of a checkpoint's train_config tc, as it is now (it may have grown since)."""
-    texts = tc.get("retrieval_texts", "")
-    return replace(cfg, data=tc["data"], db=tc["db"], retrieval_texts="" if texts == "none" else texts)
 
+# ---- the database and checkpoints ----------------------------------------------------------------------------
 
 def db_config(cfg: TrainConfig) -> DBConfig:
     """The database that training with cfg reads, and builds if it is missing."""
@@ -325,9 +629,15 @@ def prepare_db(cfg: TrainConfig, training: bool = True) -> build_db.Database:
         want.val_every, want.exclude_own_document = c["val_every"], r.get("exclude_own_document", False)
         want.k, want.seq_len, want.exact_below = r["k"], r["seq_len"], r["exact_below"]
         if cfg.retrieval_texts in ("", "auto"):      # the texts it holds (it may have grown with --add)
-            want.retrieval_texts = ",".join(s["text"] for s in meta.get("sources", [])) or "none"
+            want.retrieval_texts = ",".join(s["text"] for s in meta["sources"]) or "none"
     build_db.build(want)
     return build_db.open_db(db)
+
+
+def trained_with(cfg: TrainConfig, tc: dict) -> TrainConfig:
+    """cfg with the database of a checkpoint's train_config tc, as it is now (it may have grown since)."""
+    texts = tc.get("retrieval_texts", "")
+    return replace(cfg, data=tc["data"], db=tc["db"], retrieval_texts="" if texts == "none" else texts)
 
 
 def load_checkpoint(path: Path, meta: dict = None, db=None, ckpt: dict = None) -> dict:
@@ -337,18 +647,15 @@ def load_checkpoint(path: Path, meta: dict = None, db=None, ckpt: dict = None) -
         raise DBError(f"no checkpoint at {path}: train one first with python train.py --out_dir {path.parent}")
     try:
         ckpt = ckpt or torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(ckpt, dict) and {"model", "model_config", "train_config", "iter"} <= ckpt.keys()
+        assert isinstance(ckpt, dict) and {"model", "model_config", "train_config", "iter", "tokenizer_sha256"} <= \
+            ckpt.keys()
     except Exception as e:
         raise DBError(f"{path} is not a checkpoint of train.py ({type(e).__name__}): pass the ckpt.pt of a run, or "
                       "train again") from None
     if meta is None:
         return ckpt
     mc, tc = ckpt["model_config"], ckpt["train_config"]
-    if "tokenizer_sha256" not in ckpt:                 # from before the field: only the database it was trained with
-        if ckpt["corpus"] != meta["corpus"]:
-            raise DBError(f"{path} was trained with another database (text, tokenizer or chunk length differ): "
-                          "pass the --data/--db it was trained on, or train again")
-    elif (ckpt["tokenizer_sha256"], mc["chunk_len"], mc["vocab_size"]) != (
+    if (ckpt["tokenizer_sha256"], mc["chunk_len"], mc["vocab_size"]) != (
             meta["tokenizer_sha256"], meta["corpus"]["chunk_len"], meta["vocab_size"]):
         own = build_db.db_dir(db_config(trained_with(TrainConfig(), tc)))      # the database it was trained with
         raise DBError(f"{path} was trained with tokenizer {ckpt['tokenizer_sha256'][:8]} and chunk_len "
@@ -362,6 +669,7 @@ def load_checkpoint(path: Path, meta: dict = None, db=None, ckpt: dict = None) -
 
 
 def save_checkpoint(path: Path, raw_model, optimizer, cfg, it, meta):
+    """Plain types only (torch.load(weights_only=True) reads it), fp32 weights: it loads on any device."""
     ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
             "model_config": asdict(raw_model.config), "train_config": asdict(cfg), "corpus": meta["corpus"],
             "tokenizer_sha256": meta["tokenizer_sha256"]}
@@ -391,7 +699,7 @@ def load_model(ckpt: dict, device: str) -> RETRO:
     return model
 
 
-# ---- sampling ---------------------------------------------------------------------------------------------
+# ---- sampling -----------------------------------------------------------------------------------------------
 
 def retrieval(retriever, K: int, reads: list = None):
     """RETRO.generate's retrieve: a completed chunk (1, M) -> its K nearest chunks in the database (1, K, 2M).
@@ -407,11 +715,29 @@ def retrieval(retriever, K: int, reads: list = None):
 
 def generate(model, tok, prompt: str, cfg: TrainConfig, device: str, retrieve=None) -> str:
     """Sample max_new_tokens after prompt ("": a new document). retrieve gives the neighbours of each chunk as it
-    completes (None: a model without retrieval); extras/sample.py passes one that shows them or lets you choose."""
+    completes (None: a model without retrieval)."""
     idx = torch.tensor([tok.encode(prompt).ids or [tok.token_to_id(SEPARATOR)]], device=device)
     torch.manual_seed(cfg.seed)
     out = model.generate(idx, cfg.max_new_tokens, retrieve, cfg.temperature, cfg.top_k or None)
     return tok.decode(out[0].tolist(), skip_special_tokens=False)
+
+
+def sample(cfg: TrainConfig, retriever=None, wrap=None) -> str:
+    """--sample: generate from out_dir/ckpt.pt, retrieving from the database it was trained with (or --db), or
+    from retriever (a server's). wrap(retrieve, tokenizer, cfg) -> the retrieve to use: extras/sample.py's shows
+    each chunk's neighbours or lets you choose them."""
+    ckpt, cfg = trained_model(cfg)
+    device = build_db.resolve_device(cfg.device)
+    if retriever is None:
+        db = prepare_db(cfg, training=False)
+        load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", db.meta, db.path, ckpt)
+        retriever, tok = Retriever(db.path, device) if cfg.n_neighbours else None, db.tokenizer
+    else:
+        load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", retriever.meta, retriever.url, ckpt)
+        tok = retriever.tokenizer
+    retrieve = retrieval(retriever, cfg.n_neighbours) if cfg.n_neighbours else None
+    return generate(load_model(ckpt, device), tok, cfg.sample, cfg, device, wrap(retrieve, tok, cfg) if wrap else
+                    retrieve)
 
 
 def sample_held_out(model, data, retriever, cfg: TrainConfig, device: str):
@@ -433,240 +759,18 @@ def sample_held_out(model, data, retriever, cfg: TrainConfig, device: str):
               f"\n        continued: {abridge(nb[0, M:])!r}")
 
 
-def sample(cfg: TrainConfig) -> str:
-    """--sample: generate from out_dir/ckpt.pt, retrieving from the database it was trained with (or --db)."""
-    ckpt, cfg = trained_model(cfg)
-    device, db = build_db.resolve_device(cfg.device), prepare_db(cfg, training=False)
-    load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", db.meta, db.path, ckpt)
-    retrieve = retrieval(Retriever(db.path, device), cfg.n_neighbours) if cfg.n_neighbours else None
-    print(text := generate(load_model(ckpt, device), db.tokenizer, cfg.sample, cfg, device, retrieve))
-    return text
-
-
-def evaluate_checkpoint(cfg: TrainConfig, retriever=None) -> dict:
-    """--eval_only: the whole held-out set with the database's stored neighbours, or with those that retriever
-    finds now (a server's: extras/sample.py), and the oracle check."""
-    ckpt, cfg = trained_model(cfg)
-    device = build_db.resolve_device(cfg.device)
-    dtype, _ = build_db.resolve_dtype(cfg.dtype, device)
-    ckpt_path, tc = Path(cfg.out_dir) / "ckpt.pt", ckpt["train_config"]
-    if retriever is not None:                       # its database must fit the model, as the held-out text's does
-        load_checkpoint(ckpt_path, retriever.meta, getattr(retriever, "url", "the retriever"), ckpt)
-    db = prepare_db(cfg, training=False)
-    load_checkpoint(ckpt_path, db.meta, db.path, ckpt)
-    data, model, ctx = Data(db, cfg), load_model(ckpt, device), autocast(device, dtype)
-    if retriever is not None:
-        data.retrieve_val(retriever)
-    r = evaluate(model, data, ctx, device, desc="eval")
-    r["probe"] = retrieval_probe(model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
-    where = getattr(retriever, "url", str(db.path))
-    print(f"{ckpt_path} (step {ckpt['iter']}) with {where}:")
-    report(r, r["probe"], db.meta)
-    log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
-             tc["block_size"], final=True, db=where, probe=r["probe"])
-    return r
-
-
-# ---- training ---------------------------------------------------------------------------------------------
-
-def get_lr(cfg: TrainConfig, it: int) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio of the peak (paper, appendix C.1)."""
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def training_flops(model, data, device) -> float:
-    """FLOPs of one training sequence (forward + backward), as torch's FlopCounterMode counts them: one
-    sequence's pass, a fraction of a step (the matrix products; recompute_ffw's GELU is not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x, y, nb = (t[:1].to(device) if t is not None else None for t in data.batch("train", 0, 0, 0))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x, nb, y)[1].backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
-def build_model(cfg: TrainConfig, db: build_db.Database, device: str) -> tuple:
-    """The model and AdamW: new, RETRO-fitted from a baseline (--retrofit), or resumed (--resume); the step."""
-    torch.manual_seed(cfg.seed)
-    model = RETRO(model_config(cfg, db.meta)).to(device)
-    if cfg.retrofit:
-        base = load_checkpoint(Path(cfg.retrofit), db.meta, db.path)
-        if base["model_config"] != asdict(model.config):
-            raise DBError(f"{cfg.retrofit} has another model config: pass the model flags it was trained with")
-        model.load_state_dict(base["model"])
-        for block in model.blocks:                    # start exactly as the baseline: CCA adds 0 until it learns
-            if block.cca is not None:
-                torch.nn.init.zeros_(block.cca.attn.proj.weight)
-        model.set_trainable(decoder=False)            # RETRO-fitting: only the encoder and CCA learn
-    elif cfg.n_neighbours == 0:
-        model.set_trainable(retrieval=False)          # the baseline: encoder and CCA stay unused
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           device.split(":")[0])
-    if not cfg.resume:
-        return model, optimizer, 0
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path, db.meta, db.path)
-    if ckpt["model_config"] != asdict(model.config):
-        raise DBError(f"{ckpt_path} was trained with another model config: pass its model flags, or another "
-                      "--out_dir")
-    model.load_state_dict(ckpt["model"])
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except ValueError:                                # other parameters were trained
-        tc = ckpt["train_config"]
-        raise DBError(f"{ckpt_path} trained other parameters: resume with --retrofit {tc['retrofit']!r} "
-                      f"--n_neighbours {tc['n_neighbours']}, as it was trained") from None
-    if ckpt["iter"] > cfg.max_iters:
-        raise DBError(f"{ckpt_path} is at step {ckpt['iter']}, past --max_iters {cfg.max_iters}: pass a larger "
-                      "--max_iters")
-    return model, optimizer, ckpt["iter"]
-
-
-def machine(cfg: TrainConfig) -> tuple:
-    """torchrun or not (DDP: nccl on GPUs, gloo on CPUs), the device and the number format of products:
-    (ddp, rank, world size, device, dtype, why that dtype)."""
-    ddp, rank, world = "RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = build_db.resolve_device(cfg.device)
-    if ddp:
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if device.startswith("cuda") else device
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return (ddp, rank, world, device, *build_db.resolve_dtype(cfg.dtype, device))
-
-
-def eager():
-    """What torch.compile compiled, it compiled for training's shapes: evaluation and generation (no gradients,
-    other shapes) run it eagerly under this context rather than compile it again."""
-    return torch.compiler.set_stance("force_eager")
-
-
-def compile_plan(cfg: TrainConfig, device: str, dtype: torch.dtype, steps: int) -> tuple:
-    """--compile -> (what torch.compile compiles: "encoder", "model" or "none", why). auto compiles the neighbour
-    encoder under bf16 on a CPU. It reads 4x the decoder's tokens, and its norms, GELU and casts are memory-bound
-    work that bf16 does not speed up and fusion does: a bf16 step 1.2x faster, an fp32 one not at all
-    (bench/RESULTS.md). The first step pays for the compilation (~30 s on 2 cores, cached for later runs), so
-    auto compiles for runs of 200 steps or more. On a CPU, compiled code is built with a C++ compiler."""
-    cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")     # what inductor calls
-    cpu = device.startswith("cpu")
-    if cfg.compile == "auto":
-        if not (cpu and dtype == torch.bfloat16 and cfg.n_neighbours and steps >= 200):
-            return "none", ""
-        if not shutil.which(cxx):
-            return "none", f"the encoder not compiled: no C++ compiler ({cxx}; set CXX)"
-        return "encoder", "the neighbour encoder compiled in the first step (--compile auto)"
-    if cfg.compile != "none" and cpu and not shutil.which(cxx):
-        raise DBError(f"--compile {cfg.compile} needs a C++ compiler on a CPU and {cxx} is not found: install one "
-                      "(or set CXX), or pass --compile none")
-    return cfg.compile, "" if cfg.compile == "none" else f"--compile {cfg.compile}"
-
-
-def train(cfg: TrainConfig) -> dict:
-    ddp, rank, world, device, dtype, dtype_why = machine(cfg)
-    master, device_type = rank == 0, device.split(":")[0]
-    print0 = print if master else (lambda *a, **k: None)
-    ctx = autocast(device, dtype)                   # the weights and AdamW's state stay fp32 whatever dtype is
-    db = prepare_db(cfg) if master else None        # process 0 builds the database if it must; then the others
-    if ddp:
-        try:
-            torch.distributed.barrier()
-        except RuntimeError:                          # process 0 failed, and said why
-            sys.exit(1)
-    db = db or prepare_db(cfg)
-    data = Data(db, cfg)
-    # ---- model, optimizer, resume ----
-    model, optimizer, start = build_model(cfg, db, device)
-    raw_model = model                                 # not wrapped by DDP or compile: what is saved and sampled
-    peak = cfg.peak_tflops * 1e12 or (989e12 if device_type == "cuda" else 0)    # an H100's bf16 dense peak
-    flops_per_step = training_flops(raw_model, data, device) * cfg.batch_size * cfg.grad_accum if peak else 0
-    compiled, compile_why = compile_plan(cfg, device, dtype, cfg.max_iters - start)
-    if compiled == "model":
-        model = torch.compile(model)
-    elif compiled == "encoder":
-        raw_model.encoder.compile()                   # in place: the same weights, and the same names in checkpoints
-    if compiled != "none" and device_type == "cpu":
-        # compiled, the embedding's gradient is a scatter-add whose threads add in the order they finish: without
-        # inductor's deterministic kernels a run would not repeat itself, nor --resume its run (for good here)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if ddp:
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.block_size
-    trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    print0(f"RETRO: {raw_model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained, "
-           f"K={cfg.n_neighbours}; {world} process(es) on {device}, {dtype_why}{compile_why and ', '}{compile_why}; "
-           f"{tokens_per_step:,} tokens per step" +
-           (f"; MFU against {peak / 1e12:.3g} TFLOP/s" if peak else ""))
-    if cfg.n_neighbours:              # measured before training: what retrieval can do for this text
-        copies = f"; so {data.synthetic:.0%} of training chunks read an edited copy of their continuation " \
-                 f"(--synthetic {cfg.synthetic})" if data.synthetic else ""
-        print0(f"retrieval outlook: {build_db.outlook(db.overlap())}{copies}")
-    # ---- training: gradient accumulation; process 0 evaluates and saves ----
-    history = {"loss": {}, "val": {}}               # step -> training loss, step -> evaluation
-    ckpt_path, log_path = Path(cfg.out_dir) / "ckpt.pt", Path(cfg.out_dir) / "log.jsonl"   # log: one JSON line
-    if master and not cfg.resume:                                                           # per evaluation
-        log_path.unlink(missing_ok=True)
-    train_time = first = 0.0                         # seconds in training steps (evaluation excluded); in the first
-    for it in range(start, cfg.max_iters):
-        if it % cfg.eval_interval == 0 and it > start and master:
-            with eager():
-                r = history["val"][it] = evaluate(raw_model, data, ctx, device, cfg.eval_iters)
-            print0(f"step {it}: val loss {r['on'][0]:.4f} (bpb {r['on'][1]:.4f}), retrieval off {r['off'][0]:.4f}")
-            log_eval(log_path, it, r, tokens_per_step)
-            save_checkpoint(ckpt_path, raw_model, optimizer, cfg, it, db.meta)
-        t0, lr = time.time(), get_lr(cfg, it)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        torch.manual_seed(cfg.seed + 1_000_003 * it + rank)   # dropout too replays exactly on --resume
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y, nb = (t.to(device) if t is not None else None for t in data.batch("train", it, micro, rank))
-            sync = not ddp or micro == cfg.grad_accum - 1      # DDP: all-reduce on the last micro-step only
-            with ctx, (nullcontext() if sync else model.no_sync()):
-                loss = model(x, nb, y)[1] / cfg.grad_accum
-                loss.backward()
-            step_loss += loss.detach()                         # the mean over micro-steps (rank 0's)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if log := (it + 1) % cfg.log_interval == 0 or it == start:
-            history["loss"][it + 1] = step_loss.item()                  # .item() waits for the GPU: time is right
-        train_time += time.time() - t0
-        if it == start:
-            first = train_time                          # the first step compiles, if anything is compiled
-        if log:
-            dt = (train_time - first) / (it - start) if it > start else 0     # the steps after the first
-            mfu = f"MFU {flops_per_step / dt / peak:.1%}, " if peak and dt else ""
-            rate = (f"{tokens_per_step / dt:,.0f} tokens/s, {mfu}{dt * (cfg.max_iters - it - 1) / 60:.1f} min left"
-                    if dt else f"{first:.1f} s (the first step{', compiling' if compiled != 'none' else ''})")
-            print0(f"step {it + 1}/{cfg.max_iters}: loss {history['loss'][it + 1]:.4f}, lr {lr:.2e}, {rate}")
-    # ---- the end: a checkpoint, the whole validation set, the oracle check, a sample ----
-    if master:
-        with eager():
-            save_checkpoint(ckpt_path, raw_model, optimizer, cfg, cfg.max_iters, db.meta)
-            r = history["val"][cfg.max_iters] = evaluate(raw_model, data, ctx, device, desc="final eval")
-            probe = retrieval_probe(raw_model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
-            log_eval(log_path, cfg.max_iters, r, tokens_per_step, final=True, probe=probe)
-            print0(f"trained {cfg.max_iters - start} steps in {train_time / 60:.1f} min")
-            report(r, probe, db.meta)
-            retriever = Retriever(db.path, device) if cfg.n_neighbours else None
-            sample_held_out(raw_model.eval(), data, retriever, cfg, device)
-    if ddp:     # the others wait for process 0's evaluation: a group torn down by one process alone can abort
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return history
+def fail(msg, prog: str = "train.py"):
+    sys.exit(f"{prog}: error: {msg}" if os.environ.get("RANK", "0") == "0" else 1)   # torchrun: rank 0 says it
 
 
 def main(argv=None):
     cfg = cli(TrainConfig, "train.py", "Train RETRO on a text file; sample from (--sample) or evaluate "
                                        "(--eval_only) it.", argv)
     try:
-        return sample(cfg) if cfg.sample is not None else evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
+        if cfg.sample is not None:
+            print(text := sample(cfg))
+            return text
+        return evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
     except DBError as e:
         fail(e)
 

@@ -1,16 +1,61 @@
 #!/usr/bin/env bash
-# Makes the two extra corpora of the retrieval experiment, from Debian packages only (run as root):
+# Makes the extra texts of the experiments.
+#
+#   bash bench/make_texts.sh           (as root) the two extra corpora of the retrieval experiment, from Debian
+#                                      packages only; idempotent: each run writes the same bytes (checked against
+#                                      the sha256 sums below) and replaces the files whole:
 #   bench/texts/web.txt      the World English Bible (public domain), KJV canon and order, formatted like text.txt:
 #                            one verse a line as "Ge1:1 text", a line <|endoftext|> between books (66 documents),
 #                            so that book i of web.txt is book i of text.txt: a related text (the same verses,
 #                            another translation) for retrieval.
 #   bench/texts/control.txt  Jane Austen's six novels (public domain), one paragraph a line, a line <|endoftext|>
 #                            between chapters (269 documents): an unrelated text of about the same size.
-# Idempotent: each run writes the same bytes (checked against the sha256 sums below) and replaces the files whole.
-#   bash bench/make_texts.sh
+#
+#   bash bench/make_texts.sh django    a second kind of training text, with a related text to grow its database
+#                                      later: source code, two versions apart. Not kept in the repository (BSD,
+#                                      not public domain, and made in a minute): pip fetches the two wheels.
+#   data/texts/django32.txt  Django 3.2.25's Python files (BSD licence), one document a file ("# path" first), a line
+#                            <|endoftext|> between files (641 documents): the training text.
+#   data/texts/django42.txt  the files of Django 4.2.16 that differ from every 3.2 file (619 of 649: 4.0 reformatted
+#                            the code base with black, and each version edits it): related text, never trained on,
+#                            in which each held-out 3.2 file has its later, edited version.
+#   then: python train.py --data data/texts/django32.txt (bench/RESULTS.md, "Teaching a model to read ...")
 set -euo pipefail
+if [ $# -gt 1 ] || { [ $# = 1 ] && [ "$1" != django ]; }; then
+    echo "usage: bash bench/make_texts.sh [django]" >&2
+    exit 2
+fi
 cd "$(dirname "$0")"
 export LC_ALL=C.UTF-8
+
+# ---- django32.txt and django42.txt ---------------------------------------------------------------------------------
+if [ "${1:-}" = django ]; then
+    cd ..
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    for v in 3.2.25 4.2.16; do pip download --quiet --no-deps -d "$tmp" "django==$v"; done
+    mkdir -p data/texts
+    python3 - "$tmp" data/texts <<'EOF'
+import sys, zipfile
+from pathlib import Path
+
+tmp, out = (Path(a) for a in sys.argv[1:])
+
+
+def files(wheel):                   # path -> source of every non-empty .py file, translations left out
+    with zipfile.ZipFile(next(tmp.glob(wheel))) as z:
+        return {n: z.read(n).decode("utf-8") for n in sorted(z.namelist())
+                if n.endswith(".py") and "/locale/" not in n and z.read(n).strip()}
+
+
+old, new = files("Django-3.2*.whl"), files("Django-4.2*.whl")
+changed = {n: s for n, s in new.items() if s not in set(old.values())}
+for name, docs in (("django32.txt", old), ("django42.txt", changed)):
+    (out / name).write_text("\n<|endoftext|>\n".join(f"# {n}\n{s}" for n, s in docs.items()), encoding="utf-8")
+    print(f"{out / name}: {len(docs)} files")
+EOF
+    exit
+fi
 
 # diatheke prints SWORD modules; sword-text-web is the WEB module (engWEB2015eb, "World English Bible with
 # Deuterocanon", WEB 2020 stable text); r-cran-janeaustenr holds the novels as R character vectors (one element

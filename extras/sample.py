@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from build_db import PAD, DBError, Retriever, cli, is_unicode, resolve_device  # noqa: E402
+from build_db import PAD, DBError, cli, is_unicode  # noqa: E402
 from extras.server import RemoteRetriever, is_server  # noqa: E402
 
 
@@ -51,9 +51,8 @@ class Neighbours:
     """RETRO.generate's retrieve, with you in the loop: each completed chunk's K neighbours come from the
     neighbours file, or from the retriever; --show_neighbours prints them, --choose_neighbours asks."""
 
-    def __init__(self, retriever, tok, cfg: SampleConfig, M: int):
-        self.tok, self.cfg, self.M, self.K = tok, cfg, M, cfg.n_neighbours
-        self.retrieve = train.retrieval(retriever, self.K)
+    def __init__(self, retrieve, tok, cfg: SampleConfig):
+        self.retrieve, self.tok, self.cfg, self.M, self.K = retrieve, tok, cfg, cfg.chunk_len, cfg.n_neighbours
         self.pad, self.u = tok.token_to_id(PAD), -1         # u: the chunk that just completed, in order
         self.chosen = read_neighbours_file(cfg.neighbours_file, self.K) if cfg.neighbours_file else []
 
@@ -88,23 +87,20 @@ class Neighbours:
 
 
 def sample(cfg: SampleConfig) -> str:
-    ckpt, cfg = train.trained_model(replace(cfg, sample=cfg.sample or ""))
-    ckpt_path, device = Path(cfg.out_dir) / "ckpt.pt", resolve_device(cfg.device)
-    if is_server(cfg.db):
-        retriever = RemoteRetriever(cfg.db)
-        train.load_checkpoint(ckpt_path, retriever.meta, cfg.db, ckpt)
-    else:
-        db = train.prepare_db(cfg, training=False)
-        train.load_checkpoint(ckpt_path, db.meta, db.path, ckpt)
-        retriever = Retriever(db.path, device) if cfg.n_neighbours else None
-    if not cfg.n_neighbours and (cfg.neighbours_file or cfg.choose_neighbours):
-        raise DBError("this model was trained without retrieval (n_neighbours 0): it reads no neighbours")
-    model = train.load_model(ckpt, device)
-    retrieve = Neighbours(retriever, retriever.tokenizer, cfg, model.config.chunk_len) if cfg.n_neighbours else None
-    text = train.generate(model, retriever.tokenizer if retriever else db.tokenizer, cfg.sample, cfg, device, retrieve)
-    if retrieve and len(retrieve.chosen) > retrieve.u + 1:
-        print(f"note: --neighbours_file has {len(retrieve.chosen)} entries; the sample completed {retrieve.u + 1} "
-              f"chunks, so the last {len(retrieve.chosen) - retrieve.u - 1} were not used", file=sys.stderr)
+    """train.py's sample, with the neighbours shown, chosen or from a file, and a server's retrieval."""
+    chosen = []
+
+    def wrap(retrieve, tok, cfg):               # cfg with the model's chunk length and K
+        if retrieve is None and (cfg.neighbours_file or cfg.choose_neighbours):
+            raise DBError("this model was trained without retrieval (n_neighbours 0): it reads no neighbours")
+        chosen.extend([Neighbours(retrieve, tok, cfg)] if retrieve else [])
+        return chosen[0] if chosen else None
+    text = train.sample(replace(cfg, sample=cfg.sample or ""), RemoteRetriever(cfg.db) if is_server(cfg.db) else None,
+                        wrap)
+    if chosen and len(chosen[0].chosen) > chosen[0].u + 1:
+        n, u = len(chosen[0].chosen), chosen[0].u + 1
+        print(f"note: --neighbours_file has {n} entries; the sample completed {u} chunks, so the last {n - u} were "
+              "not used", file=sys.stderr)
     print(("--- sample:\n" if cfg.show_neighbours or cfg.choose_neighbours else "") + text)
     return text
 
