@@ -167,7 +167,7 @@ def test_a_request_without_a_length_is_refused(served):
 
 def test_a_slow_body_or_another_method_gets_a_json_error(grown_db):
     server = retrieval_server.make_server(grown_db.out, "127.0.0.1", 0, "cpu")
-    server.RequestHandlerClass.timeout = 1                              # seconds a client may take; 60 by default
+    server.RequestHandlerClass.timeout = 0.5                            # seconds a client may take; 60 by default
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         for raw, status in [(b"POST /neighbours HTTP/1.0\r\nContent-Length: 100\r\n\r\n{}", b"408"),
