@@ -431,15 +431,15 @@ def test_tiny_model_overfits_one_batch(with_neighbours):
     model.float()
     idx, nb = data(model, K, B=4, T=16)
     nb = nb if with_neighbours else None
-    losses = train_steps(model, lambda s: (idx[:, :-1], None if nb is None else nb[:, :3], idx[:, 1:]), 60, lr=1e-2)
-    assert losses[-1] < 0.05 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"   # 3 seeds: 0.0062 at most
+    losses = train_steps(model, lambda s: (idx[:, :-1], None if nb is None else nb[:, :3], idx[:, 1:]), 40, lr=1e-2)
+    assert losses[-1] < 0.05 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"   # 3 seeds: 0.0073 at most
 
 
 def test_model_learns_to_copy_from_neighbour_continuations():
     """Random tokens cannot be predicted, except through retrieval: each chunk's neighbour is [C_u, C_{u+1}],
     so the attending chunk can copy C_{u+1} from the continuation F. Fresh data every step: only a model
     whose CCA lines up F with the tokens it predicts gets the loss of chunks 1.. far below ln(V) (3 seeds: at most
-    0.014 ln V after these 50 steps)."""
+    0.052 ln V after these 30 steps)."""
     torch.manual_seed(0)
     M, B, T = 4, 16, 16
     cfg = RetroConfig(vocab_size=V, block_size=T, chunk_len=M, n_layer=2, n_head=2, n_embd=32, cca_layers=(1,),
@@ -455,7 +455,7 @@ def test_model_learns_to_copy_from_neighbour_continuations():
     results = {}
     for with_neighbours in (True, False):
         model = RETRO(cfg)
-        train_steps(model, lambda s: batch(s, with_neighbours), 50, lr=3e-3)
+        train_steps(model, lambda s: batch(s, with_neighbours), 30, lr=3e-3)
         idx, nb, targets = batch(10_000, with_neighbours)
         with torch.no_grad():
             logits = model(idx, nb)[0]
@@ -1362,13 +1362,13 @@ def test_dtype_auto_is_bf16_where_the_device_computes_it_natively_and_fp32_elsew
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_training_takes_the_dtype_that_auto_picks_and_says_which(native, multi_db, tmp_path, monkeypatch, capsys):
+def test_training_takes_the_dtype_that_auto_picks_and_says_which(native, other_db, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(build_db, "cpu_computes_bf16", lambda: "AMX" if native else "")
     products = []
     real = torch.autocast.__init__
     monkeypatch.setattr(torch.autocast, "__init__", lambda self, *a, **kw: products.append(kw.get("dtype")) or
                         real(self, *a, **kw))
-    run_train(multi_db, tmp_path, "--max_iters", "2", "--dtype", "auto")
+    run_train(other_db, tmp_path, "--max_iters", "2", "--dtype", "auto")
     said = re.search(r"^RETRO: .* on cpu, (.+?); ", capsys.readouterr().out, re.M)[1]
     assert said == ("bf16 autocast: this CPU has AMX" if native else
                     "fp32: this CPU has no AMX or AVX-512 BF16 (bf16 would be slower)")
@@ -1392,20 +1392,20 @@ def test_compile_auto_compiles_the_encoder_only_where_bf16_runs_on_a_cpu_and_the
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None, reason="no C++ compiler for torch.compile")
-def test_a_compiled_encoder_trains_as_the_eager_one_and_evaluates_without_compiling_again(multi_db, tmp_path,
+def test_a_compiled_encoder_trains_as_the_eager_one_and_evaluates_without_compiling_again(other_db, tmp_path,
                                                                                            monkeypatch, capsys):
     """Slow, end to end: three runs of 3 steps, eager and twice with the encoder compiled by inductor (the first
     compile, C++ included, is most of the time; later sessions find it in inductor's cache)."""
-    eager = run_train(multi_db, tmp_path / "eager", "--max_iters", "3", "--eval_interval", "2")
+    eager = run_train(other_db, tmp_path / "eager", "--max_iters", "3", "--eval_interval", "2")
     from torch._dynamo.testing import CompileCounterWithBackend
     counter = CompileCounterWithBackend("inductor")
     compile_module = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_module(self, backend=counter))
-    compiled = run_train(multi_db, tmp_path / "compiled", "--max_iters", "3", "--eval_interval", "2",
+    compiled = run_train(other_db, tmp_path / "compiled", "--max_iters", "3", "--eval_interval", "2",
                          "--compile", "encoder")
     assert "--compile encoder;" in capsys.readouterr().out
     assert counter.frame_count == 1                  # for training's shapes only: evaluation and sampling run eagerly
-    again = run_train(multi_db, tmp_path / "again", "--max_iters", "3", "--eval_interval", "2", "--compile", "encoder")
+    again = run_train(other_db, tmp_path / "again", "--max_iters", "3", "--eval_interval", "2", "--compile", "encoder")
     assert again["loss"] == compiled["loss"]                                          # a run repeats itself exactly
     assert all(again["val"][s][m] == r[m] and (again["val"][s]["chunks"]["on"] == r["chunks"]["on"]).all()
                for s, r in compiled["val"].items() for m in ("on", "off"))
