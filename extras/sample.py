@@ -88,17 +88,17 @@ class Neighbours:
 
 def sample(cfg: SampleConfig) -> str:
     """train.py's sample, with the neighbours shown, chosen or from a file, and a server's retrieval."""
-    chosen = []
+    made = []                                   # the Neighbours that wrap makes, read after the sample
 
     def wrap(retrieve, tok, cfg):               # cfg with the model's chunk length and K
         if retrieve is None and (cfg.neighbours_file or cfg.choose_neighbours):
             raise DBError("this model was trained without retrieval (n_neighbours 0): it reads no neighbours")
-        chosen.extend([Neighbours(retrieve, tok, cfg)] if retrieve else [])
-        return chosen[0] if chosen else None
+        made.extend([Neighbours(retrieve, tok, cfg)] if retrieve else [])
+        return made[0] if made else None
     text = train.sample(replace(cfg, sample=cfg.sample or ""), RemoteRetriever(cfg.db) if is_server(cfg.db) else None,
                         wrap)
-    if chosen and len(chosen[0].chosen) > chosen[0].u + 1:
-        n, u = len(chosen[0].chosen), chosen[0].u + 1
+    if made and len(made[0].chosen) > made[0].u + 1:
+        n, u = len(made[0].chosen), made[0].u + 1
         print(f"note: --neighbours_file has {n} entries; the sample completed {u} chunks, so the last {n - u} were "
               "not used", file=sys.stderr)
     print(("--- sample:\n" if cfg.show_neighbours or cfg.choose_neighbours else "") + text)
