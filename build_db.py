@@ -188,9 +188,8 @@ def token_stream(tok: Tokenizer, docs: list, chunk_len: int) -> np.ndarray:
 
 
 def neighbour_tokens(stream: np.ndarray, ids: np.ndarray, M: int, pad: int, eot: int) -> np.ndarray:
-    """Chunk indices (..., K) -> their tokens and continuations (..., K, 2M). The continuation F is the next
-    chunk of the same document: whatever follows the document's <|endoftext|> is padding (so in a Concat of
-    streams, each ending with <|endoftext|>, no F runs from one into the next)."""
+    """Chunk numbers (..., K) -> their tokens and continuations (..., K, 2M). The continuation F is the next chunk
+    of the same document: what follows its <|endoftext|> is padding, so no F runs from one stream of a Concat on."""
     pos = ids[..., None].astype(np.int64) * M + np.arange(2 * M)                # (..., K, 2M)
     valid = (ids[..., None] >= 0) & (pos < len(stream))
     tok = np.where(valid, stream[np.clip(pos, 0, len(stream) - 1)], pad)
@@ -248,25 +247,23 @@ class Embedder:
 
 def embed_chunks(embedder, tok, stream, M, batch_size, out_path, desc):
     """Embed every chunk of a token stream into out_path: (chunks, dim) float16."""
-    with atomic(out_path) as tmp:
-        emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(stream) // M, embedder.dim))
-        embed_into(emb, embedder, tok, stream, M, batch_size, desc)
+    chunks = stream.reshape(-1, M)
+    order = by_length(tok, chunks)
+    with atomic(out_path) as tmp, progress(len(chunks), desc) as bar:
+        emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(chunks), embedder.dim))
+        for i in range(0, len(chunks), batch_size):
+            rows = order[i:i + batch_size]
+            emb[rows] = embedder(tok.decode_batch(chunks[rows].tolist(), skip_special_tokens=True))
+            bar.update(len(rows))
         emb.flush()
         del emb
 
 
-def embed_into(emb, embedder, tok, stream, M, batch_size, desc=None, part=(0, 1)):
-    """Fill the rows of emb. Chunks go in order of text length, so that a batch pads little; part (r, n):
-    batches r, r + n, r + 2n, ... only (extras/build_parallel.py)."""
-    chunks = stream.reshape(-1, M)
+def by_length(tok, chunks: np.ndarray) -> np.ndarray:
+    """Chunk numbers in order of their text's length, so that a batch of them pads little."""
     lengths = np.fromiter((len(t) for i in range(0, len(chunks), 65536) for t in tok.decode_batch(
         chunks[i:i + 65536].tolist(), skip_special_tokens=True)), np.int64, len(chunks))
-    order = np.argsort(lengths, kind="stable")
-    with tqdm(total=len(chunks), unit="chunk", desc=desc, unit_scale=True, disable=bar_off(desc)) as bar:
-        for i in range(part[0] * batch_size, len(chunks), part[1] * batch_size):
-            rows = order[i:i + batch_size]
-            emb[rows] = embedder(tok.decode_batch(chunks[rows].tolist(), skip_special_tokens=True))
-            bar.update(len(rows) * part[1])
+    return np.argsort(lengths, kind="stable")
 
 
 # ---- step 4: the index -------------------------------------------------------------------------------------
@@ -342,8 +339,8 @@ def exclude_own_sequences(candidates: np.ndarray, k: int, n: int, n_train: int =
     return np.where(np.take_along_axis(ok, first, 1), ids, -1).astype(np.int32)
 
 
-def find_neighbours(index, out: Path, meta: dict, part=(0, 1)) -> dict:
-    """Step 5: K neighbours for each training and validation chunk (part (r, n): the r-th of n shares of each)."""
+def find_neighbours(index, out: Path, meta: dict) -> dict:
+    """Step 5: K neighbours for each training and validation chunk."""
     r, M = meta["retrieval"], meta["corpus"]["chunk_len"]
     k, n = r["k"], r["seq_len"] // M
     emb = {s: np.load(out / f"{s}_emb.npy", mmap_mode="r") for s in ("train", "val")}
@@ -354,18 +351,16 @@ def find_neighbours(index, out: Path, meta: dict, part=(0, 1)) -> dict:
         docs = np.searchsorted(ends, starts), np.searchsorted(ends, starts + M - 1)
         m += 256                        # a document hides more; a chunk that still lacks some is padded (warned)
     keep = lambda found, rows: exclude_own_sequences(found, k, n, len(emb["train"]), docs, rows)
-    share = lambda s: range(len(emb[s]) * part[0] // part[1], len(emb[s]) * (part[0] + 1) // part[1])
-    desc = lambda s: f"search {s}" if part[0] == 0 else None
-    return {"train": search(index, emb["train"], m, desc("train"), keep, share("train")),
-            "val": search(index, emb["val"], k, desc("val"), rows=share("val"))}
+    return {"train": search(index, emb["train"], m, "search train", keep),
+            "val": search(index, emb["val"], k, "search val")}
 
 
-def search(index, emb: np.ndarray, k: int, desc: str, keep=None, rows: range = None) -> np.ndarray:
-    """The k nearest chunks of each row of emb (or of `rows`), in blocks; keep(candidates, rows) picks among them."""
-    rows, ids = range(len(emb)) if rows is None else rows, []
-    with tqdm(total=len(rows), unit="chunk", desc=desc, unit_scale=True, disable=bar_off(desc)) as bar:
-        for i in range(rows.start, max(rows.stop, rows.start + 1), 8192):     # an empty share: one empty block
-            found = index.search(np.asarray(emb[i:min(i + 8192, rows.stop)], dtype=np.float32), k)[1]
+def search(index, emb: np.ndarray, k: int, desc: str, keep=None) -> np.ndarray:
+    """The k nearest chunks of each row of emb, in blocks; keep(candidates, rows) picks among them."""
+    ids = []
+    with progress(len(emb), desc) as bar:
+        for i in range(0, max(len(emb), 1), 8192):         # no rows: one empty block, the result (0, k)
+            found = index.search(np.asarray(emb[i:i + 8192], dtype=np.float32), k)[1]
             ids.append(keep(found, np.arange(i, i + len(found))) if keep else found.astype(np.int32))
             bar.update(len(found))
     return np.concatenate(ids)
@@ -375,8 +370,7 @@ def search(index, emb: np.ndarray, k: int, desc: str, keep=None, rows: range = N
 
 def longest_shared_run(chunks: np.ndarray, neighbours: np.ndarray, pad: int) -> np.ndarray:
     """(n, M) chunks, (n, K, R) neighbours -> (n,) the longest run of tokens of each chunk that is also a run of
-    one of its neighbours (the paper's overlap, section 2.6; dynamic programming over the chunk's tokens,
-    vectorised over chunks and neighbours). Padding, and negative ids in chunks, match nothing."""
+    one of its neighbours (the paper's overlap, section 2.6). Padding, and negative ids in chunks, match nothing."""
     nb = np.where(neighbours == pad, -1, neighbours).astype(np.int64)
     run = np.zeros(nb.shape, dtype=np.int32)                                # the run ending at (chunk token, j)
     best = np.zeros(len(chunks), dtype=np.int32)
@@ -388,19 +382,17 @@ def longest_shared_run(chunks: np.ndarray, neighbours: np.ndarray, pad: int) -> 
 
 
 def overlap(tokens: np.ndarray, neighbours: np.ndarray, M: int, pad: int, most: int = 4096) -> float:
-    """What retrieval can do for a text, measured before any training: the share of held-out chunks u whose
-    neighbours hold a run of OVERLAP_RUN or more tokens of chunk u+1, the text the positions that read them
-    predict (at most `most` chunks, evenly spaced). RETRO gains where its neighbours hold what comes next (the
-    paper's section 4.2; Norlund et al. 2023): for the King James Bible alone it is 13%, with the World English
-    Bible in the database 81%."""
+    """What retrieval can do for a text, before any training: the share of held-out chunks u (at most `most`,
+    evenly spaced) whose neighbours hold OVERLAP_RUN+ tokens in a row of chunk u+1, the text their readers predict.
+    RETRO gains where its neighbours hold what comes next (the paper's section 4.2; Norlund et al. 2023): for the
+    King James Bible alone it is 13%, with the World English Bible in the database 81%."""
     chunks = np.asarray(tokens).reshape(-1, M)
     u = np.unique(np.linspace(0, len(chunks) - 2, min(most, len(chunks) - 1)).astype(int))
     nxt = chunks[u + 1].astype(np.int64)
     long_enough = (nxt != pad).sum(1) >= OVERLAP_RUN       # a chunk of mostly padding cannot hold such a run
     u, nxt = u[long_enough], nxt[long_enough]
-    if not len(u):
-        return 0.0
-    return float((longest_shared_run(np.where(nxt == pad, -2, nxt), neighbours[u], pad) >= OVERLAP_RUN).mean())
+    runs = longest_shared_run(np.where(nxt == pad, -2, nxt), neighbours[u], pad)
+    return float((runs >= OVERLAP_RUN).mean()) if len(u) else 0.0
 
 
 def outlook(share: float) -> str:
@@ -417,15 +409,12 @@ def outlook(share: float) -> str:
 
 # ---- step 7: files, each written whole ---------------------------------------------------------------------
 
-def temporary(path) -> Path:
-    """Where path is written before it is renamed to path: hidden, and removed by the next build (clean)."""
-    return Path(path).with_name(f".{Path(path).name}.tmp{Path(path).suffix}")
-
-
 @contextmanager
 def atomic(path):
-    """with atomic(path) as tmp: write tmp; on success it is renamed to path, on failure removed."""
-    path, tmp = Path(path), temporary(path)
+    """with atomic(path) as tmp: write tmp; on success it is renamed to path, on failure removed. tmp is hidden,
+    and the next build removes one that a killed process left (clean)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     try:
         yield str(tmp)
         os.replace(tmp, path)
@@ -438,20 +427,15 @@ def save(path, array):
         np.save(tmp, array)
 
 
+# the files an add rewrites, under new names for each generation (plain names for generation 0)
 GENERATION = ("index", "train_neighbours", "val_neighbours", "train_neighbour_ids", "val_neighbour_ids")
 GENERATION_FILE = re.compile(rf"^({'|'.join(GENERATION)})(\.\d+)?\.(faiss|npy)$")
-
-
-def generation_files(g: int) -> dict:
-    """The files an add rewrites, under new names for each generation (plain names for generation 0)."""
-    return {n: f"{n}{f'.{g}' if g else ''}{'.faiss' if n == 'index' else '.npy'}" for n in GENERATION}
 
 
 def clean(out: Path, meta: dict, sources: bool = True):
     """Delete what meta.json does not name: the previous generation, an interrupted build's or add's files,
     temporary files; with sources, retrieval-only texts the database no longer holds."""
-    keep = set(meta["files"].values())
-    keys = {s["key"] for s in meta["sources"]}
+    keep, keys = set(meta["files"].values()), {s["key"] for s in meta["sources"]}
     for f in [*out.iterdir(), *((out / "sources").iterdir() if (out / "sources").is_dir() else [])]:
         if (f.name.startswith(".") and ".tmp" in f.name or f.parent == out and GENERATION_FILE.match(f.name)
                 and f.name not in keep or sources and f.parent != out and f.name.split("_")[0] not in keys):
@@ -570,7 +554,9 @@ def index_and_neighbours(out: Path, meta: dict, generation: int, index=None) -> 
     r, M, pad = meta["retrieval"], meta["corpus"]["chunk_len"], meta["pad_id"]
     tokens, emb = load_streams(out, meta, "tokens"), load_streams(out, meta, "emb")
     # 4. index all chunks, training and retrieval-only; an IVF's nprobe is tuned on 500 chunks of each split
-    rng, files, m = np.random.default_rng(0), generation_files(generation), r["k"] + 2 * (r["seq_len"] // M) + 1
+    files = {n: f"{n}{f'.{generation}' if generation else ''}{'.faiss' if n == 'index' else '.npy'}"
+             for n in GENERATION}
+    rng, m = np.random.default_rng(0), r["k"] + 2 * (r["seq_len"] // M) + 1
     queries = np.concatenate([np.asarray(e[np.sort(rng.choice(len(e), min(len(e), 500), replace=False))], np.float32)
                               for e in (np.load(out / f"{s}_emb.npy", mmap_mode="r") for s in ("train", "val"))])
     if index is None or isinstance(index, faiss.IndexFlat) and len(emb) >= r["exact_below"]:
@@ -665,9 +651,8 @@ def prepare_source(out: Path, text: str, docs: list, tok, key: str, embedder, M:
 
 
 def warn_verbatim(name, source_docs: list, splits: dict):
-    """Warn, one line per split, of training or validation documents that a retrieval-only text holds verbatim
-    (their chunks could retrieve their own text). Linear in size: only documents whose every line is a line of
-    the source (hashes, binary search) are searched for."""
+    """Warn, one line per split, of documents that a retrieval-only text holds verbatim (their chunks could
+    retrieve their own text). Linear: only documents whose every line is a line of the source are searched for."""
     lines = np.unique(np.fromiter((hash(ln) for d in source_docs for ln in d.splitlines()), np.int64))
     text = "\0".join(source_docs)
     for split, docs in splits.items():
@@ -721,18 +706,14 @@ class Database:
 
 def open_db(path) -> Database:
     path, meta = Path(path), load_meta(path)
-    split = lambda name: {s: np.load(current_file(path, meta, f"{s}_{name}"), mmap_mode="r") for s in ("train", "val")}
+    split = lambda name: {s: np.load(path / meta["files"][f"{s}_{name}"], mmap_mode="r") for s in ("train", "val")}
     return Database(path, meta, Tokenizer.from_file(str(path / "tokenizer.json")),
                     {s: np.load(path / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val")},
                     split("neighbours"), split("neighbour_ids"))
 
 
-def current_file(db, meta: dict, name: str) -> Path:
-    return Path(db) / meta["files"][name]
-
-
 def read_index(db, meta: dict):
-    index = faiss.read_index(str(current_file(db, meta, "index")))
+    index = faiss.read_index(str(Path(db) / meta["files"]["index"]))
     if "nprobe" in meta:
         faiss.extract_index_ivf(index).nprobe = meta["nprobe"]
     return index
@@ -796,26 +777,12 @@ class Retriever:
     def query(self, chunks=None, texts=None, k: int = None) -> dict:
         """(B, M) token ids, or B texts -> the k nearest chunks of each, nearest first: their numbers "ids"
         (B, k), squared L2 "distances" (B, k) between unit embeddings (= 2 - 2 cos), and "neighbours"
-        (B, k, 2M), each chunk's tokens [N, F]."""
-        texts, k = self.check(chunks, texts, k)
-        distances, ids = self.search(texts, k)
-        return dict(ids=ids, distances=distances, neighbours=self.tokens(ids))
-
-    def check(self, chunks, texts, k) -> tuple:
-        """query's arguments -> (texts, k), or a ValueError that says what is wrong with them."""
-        k, n, V = self.k if k is None else k, self.index.ntotal, self.meta["vocab_size"]
-        if not (isinstance(k, (int, np.integer)) and 1 <= k <= n):
-            raise ValueError(f"k must be an integer from 1 to {n} (the chunks in the database), not {k!r}")
+        (B, k, 2M), each chunk's tokens [N, F]. A server checks its requests first (extras/server.py)."""
         if texts is None:
             chunks = chunks.cpu().numpy() if torch.is_tensor(chunks) else np.asarray(chunks)
-            if not (chunks.ndim == 2 and chunks.shape[1] == self.M and np.issubdtype(chunks.dtype, np.integer)
-                    and (chunks.size == 0 or 0 <= chunks.min() and chunks.max() < V)):
-                raise ValueError(f"chunks {chunks.shape} of {chunks.dtype}: expected (B, {self.M}) token ids "
-                                 f"in 0..{V - 1}")
-            return self.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True), int(k)
-        if isinstance(texts, str) or not all(isinstance(t, str) and is_unicode(t) for t in texts):
-            raise ValueError("texts must be a list of strings of valid Unicode (one per query)")
-        return list(texts), int(k)
+            texts = self.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True)
+        distances, ids = self.search(list(texts), int(self.k if k is None else k))
+        return dict(ids=ids, distances=distances, neighbours=self.tokens(ids))
 
     def search(self, texts: list, k: int) -> tuple:
         """Embed texts in batches of similar length, as the build does, and search: (distances, ids), (B, k)."""
@@ -845,13 +812,10 @@ def cli(config_class, prog: str, description: str, argv=None):
     p = argparse.ArgumentParser(prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     first = fields(config_class)[0]
     p.add_argument(first.name + "_pos", nargs="?", metavar=first.name.upper(), help=f"same as --{first.name}")
-    for f in fields(config_class):
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                           help=helps.get(f.name))
-        else:   # a tuple is written 2,5
-            kind = (lambda s: tuple(int(v) for v in s.split(",") if v.strip())) if f.type is tuple else f.type
-            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=helps.get(f.name, " "))
+    for f in fields(config_class):      # a bool is --name or --no-name, a tuple is written 2,5
+        kind = (lambda s: tuple(int(v) for v in s.split(",") if v.strip())) if f.type is tuple else f.type
+        how = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=kind)
+        p.add_argument(f"--{f.name}", default=f.default, help=helps.get(f.name, " "), **how)
     args = vars(p.parse_args(argv))
     if bad := [f"--{k}" for k, v in args.items() if isinstance(v, str) and not is_unicode(v)]:
         p.error(f"{', '.join(bad)}: not valid UTF-8 (check the terminal's or the script's encoding)")
@@ -864,12 +828,8 @@ def cli(config_class, prog: str, description: str, argv=None):
 
 
 def is_unicode(text: str) -> bool:
-    """Can text be encoded (no lone surrogates, as JSON's "\\ud800" or undecodable command-line bytes give)?"""
-    try:
-        text.encode()
-        return True
-    except UnicodeEncodeError:
-        return False
+    """Can text be encoded: no lone surrogates, as JSON's "\\ud800" or undecodable command-line bytes give?"""
+    return re.search("[\ud800-\udfff]", text) is None
 
 
 def resolve_device(name: str) -> str:
@@ -918,10 +878,10 @@ def cpu_computes_bf16() -> str:
         else ""
 
 
-def bar_off(desc) -> bool | None:
-    """tqdm's disable: no bar without a description, nor where the output is not a terminal (None: tqdm checks),
-    so that a log file gets the line each stage prints rather than thousands of carriage-return updates."""
-    return True if desc is None else None
+def progress(total: int, desc: str) -> tqdm:
+    """A bar of chunks done; none without a description, nor where the output is not a terminal (disable None:
+    tqdm checks), so that a log file gets the line each stage prints rather than thousands of carriage returns."""
+    return tqdm(total=total, unit="chunk", desc=desc, unit_scale=True, disable=True if desc is None else None)
 
 
 def autocast(device: str, dtype: torch.dtype):

@@ -993,7 +993,7 @@ def twin_share(cfg):
     meta = build_db.load_meta(cfg.out)
     web = meta["n_train_chunks"] + np.arange(meta["sources"][0]["n_chunks"])
     obadiah = np.flatnonzero(load(cfg, "val_tokens") == meta["eot_id"])[0] // DB_M
-    ids = np.load(build_db.current_file(cfg.out, meta, "val_neighbour_ids"))
+    ids = np.load(Path(cfg.out) / meta["files"]["val_neighbour_ids"])
     return np.isin(ids[:obadiah], web).any(1).mean()
 
 
@@ -1027,7 +1027,7 @@ def test_a_grown_database_gives_the_neighbours_of_one_built_in_one_go(web_db, gr
     one_go, grown = build_db.load_meta(web_db[0].out), build_db.load_meta(grown_db.out)
     assert grown["generation"] == 2 and [s["key"] for s in grown["sources"]] == [s["key"] for s in one_go["sources"]]
     for name in build_db.GENERATION[1:]:
-        assert np.array_equal(np.load(build_db.current_file(grown_db.out, grown, name)), load(web_db[0], name)), name
+        assert np.array_equal(np.load(Path(grown_db.out) / grown["files"][name]), load(web_db[0], name)), name
     assert sorted(f.name for f in Path(grown_db.out).glob("*.faiss")) == ["index.2.faiss"]   # older ones deleted
     assert not [f for f in Path(grown_db.out).rglob(".*")], "no temporary files left behind"
 
@@ -1513,7 +1513,7 @@ def test_an_interrupted_add_leaves_the_previous_database(multi_db, tmp_path, mon
     meta = build(DBConfig(add=web, out=str(out)))
     assert embedded == [] and meta["generation"] == 1 and len(meta["sources"]) == 1
     assert sorted(f.name for f in out.iterdir() if build_db.GENERATION_FILE.match(f.name)) == sorted(
-        build_db.generation_files(1).values())
+        f"{n}.1.{'faiss' if n == 'index' else 'npy'}" for n in build_db.GENERATION)
     assert not [f for f in out.rglob(".*")], "no temporary files left behind"
 
 

@@ -10,9 +10,8 @@ Train RETRO on a text file, measure what retrieval buys, and sample with retriev
 Extras: `python extras/sample.py` samples with each chunk's neighbours shown, chosen or typed, and samples or
 evaluates with a served database (extras/server.py).
 
-Every option is a field of TrainConfig below; `python train.py -h` lists them with their defaults. The file
-reads as the run goes: configuration, data, the model and the machine, the training loop; then evaluation,
-checkpoints and sampling, which the loop's end calls.
+Every option is a field of TrainConfig below (`python train.py -h` lists them with their defaults). The file reads
+as the run goes: configuration, data, the machine and the model, the loop; then evaluation, checkpoints, sampling.
 """
 
 import json
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import build_db
@@ -96,7 +96,11 @@ class TrainConfig:
         for name in ("n_neighbours", "max_iters", "max_new_tokens", "temperature", "top_k", "dropout", "learning_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} cannot be negative ({getattr(self, name)})")
-        if self.synthetic != "auto" and not 0 <= (float(self.synthetic) if is_number(self.synthetic) else -1) <= 1:
+        try:
+            share = 0 if self.synthetic == "auto" else float(self.synthetic)
+        except ValueError:
+            share = -1
+        if not 0 <= share <= 1:
             raise ValueError(f"--synthetic {self.synthetic} is a share of chunks: auto, or from 0 to 1")
         if self.compile not in ("auto", "encoder", "model", "none"):
             raise ValueError(f"--compile {self.compile} is not one of auto, encoder, model, none")
@@ -114,22 +118,16 @@ def model_config(cfg: TrainConfig, meta: dict) -> RetroConfig:
         raise ValueError(f"the model flags do not fit together: {e}") from None
 
 
-def is_number(text) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
-
-
 # ---- data: chunk-aligned sequences with their precomputed neighbours ---------------------------------------
 
 class Data:
     """A database's token streams and stored neighbours (memmaps), served as chunk-aligned sequences."""
 
     def __init__(self, db: build_db.Database, cfg: TrainConfig):
-        self.cfg, self.meta, self.M, self.tokenizer = cfg, db.meta, cfg.chunk_len, db.tokenizer
-        self.synthetic = synthetic_share(cfg, db)
-        self.tokens, self.neighbours = db.tokens, dict(db.neighbours)      # a copy: retrieve_val replaces one
+        self.cfg, self.meta, self.M = cfg, db.meta, cfg.chunk_len
+        self.tokens, self.neighbours = db.tokens, dict(db.neighbours)      # a copy: extras/sample.py replaces one
+        auto = SYNTHETIC_AUTO if cfg.n_neighbours and db.overlap() < 0.5 else 0.0     # why: see SYNTHETIC_AUTO
+        self.synthetic = auto if cfg.synthetic == "auto" else float(cfg.synthetic)
         # bits per byte count the text's bytes: a byte-level BPE token is one character per byte, and the two
         # special tokens hold none (<|endoftext|> is not scored: see evaluate)
         special = (db.meta["pad_id"], db.meta["eot_id"])
@@ -163,11 +161,9 @@ class Data:
         return x, y, nb
 
     def eval_batches(self, n_batches=None):
-        """Evaluation windows over the held-out stream, in batches: windows of block_size tokens that start a
-        chunk and overlap by one chunk (a stride of L - 1 chunks), so that every held-out token is scored once,
-        in the window where it has the most context: the first window scores all its positions, the others all
-        but their first chunk, whose tokens the window before scored (evaluate). Each scored token past the
-        stream's first M - 1 reads the neighbours of the chunk before it. n_batches: that many, evenly spaced."""
+        """The held-out stream's windows of block_size tokens, in batches (n_batches: that many, evenly spaced).
+        They overlap by one chunk, so that every token is scored once where it has the most context: all of the
+        first window, the others but their first chunk, which the window before scored (evaluate)."""
         T, M = self.cfg.block_size, self.M
         stride = max(T // M - 1, 1)                                             # in chunks
         starts = stride * np.arange(1 + max(0, math.ceil((len(self.tokens["val"]) - 1 - T) / (stride * M))))
@@ -176,18 +172,11 @@ class Data:
             batches = [batches[i] for i in np.linspace(0, len(batches) - 1, n_batches).astype(int)]
         return batches
 
-    def retrieve_val(self, retriever, batch: int = 256):
-        """Validation neighbours found now by retriever (e.g. a server's), in place of the stored ones."""
-        chunks = np.asarray(self.tokens["val"]).reshape(-1, self.M)
-        self.neighbours["val"] = np.concatenate([retriever.query(chunks[i:i + batch])["neighbours"] for i in tqdm(
-            range(0, len(chunks), batch), desc="retrieve val", leave=False, disable=None)])
-
 
 # ---- the model and the machine ------------------------------------------------------------------------------
 
 def machine(cfg: TrainConfig) -> tuple:
-    """torchrun or not (DDP: nccl on GPUs, gloo on CPUs), the device and the number format of products:
-    (ddp, rank, world size, device, dtype, why that dtype)."""
+    """torchrun or not, the device, the number format of products: (ddp, rank, world, device, dtype, why)."""
     ddp, rank, world = "RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = build_db.resolve_device(cfg.device)
     if ddp:
@@ -218,8 +207,7 @@ def build_model(cfg: TrainConfig, db: build_db.Database, device: str) -> tuple:
                                            device.split(":")[0])
     if not cfg.resume:
         return model, optimizer, 0
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path, db.meta, db.path)
+    ckpt = load_checkpoint(ckpt_path := Path(cfg.out_dir) / "ckpt.pt", db.meta, db.path)
     if ckpt["model_config"] != asdict(model.config):
         raise DBError(f"{ckpt_path} was trained with another model config: pass its model flags, or another "
                       "--out_dir")
@@ -293,7 +281,13 @@ def setup(cfg: TrainConfig) -> SimpleNamespace:
     # fp16 (GPUs without fast bf16) needs its loss scaled so that small gradients do not vanish; bf16 and fp32 not
     run.scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     run.peak = cfg.peak_tflops * 1e12 or (989e12 if device.startswith("cuda") else 0)   # an H100's bf16 dense peak
-    run.flops = training_flops(raw, run.data, device) * cfg.batch_size * cfg.grad_accum if run.peak else 0
+    if run.peak:        # a step's FLOPs for MFU: one sequence's forward and backward as FlopCounterMode counts them
+        x, y, nb = (t[:1].to(device) if t is not None else None for t in run.data.batch("train", 0, 0, 0))
+        counter = FlopCounterMode(display=False)                # the matrix products (recompute_ffw's GELU not)
+        with counter:
+            raw(x, nb, y)[1].backward()
+        raw.zero_grad(set_to_none=True)
+        run.flops = counter.get_total_flops() * cfg.batch_size * cfg.grad_accum
     run.compiled, compile_why = compile_plan(cfg, device, dtype, cfg.max_iters - run.start)
     if run.compiled == "model":
         run.model = torch.compile(run.model)
@@ -369,17 +363,15 @@ def loop(cfg: TrainConfig, run: SimpleNamespace) -> dict:
 def finish(cfg: TrainConfig, run: SimpleNamespace, history: dict):
     """The end: a checkpoint, the whole validation set with the oracle check, the report, a sample."""
     if run.master:
+        model, data, ctx, device = run.raw_model, run.data, run.ctx, run.device
         with eager():
-            save_checkpoint(run.ckpt_path, run.raw_model, run.optimizer, cfg, cfg.max_iters, run.db.meta)
-            r = history["val"][cfg.max_iters] = evaluate(run.raw_model, run.data, run.ctx, run.device,
-                                                         desc="final eval")
-            probe = retrieval_probe(run.raw_model, run.data, ctx=run.ctx, device=run.device) if cfg.n_neighbours \
-                else None
+            save_checkpoint(run.ckpt_path, model, run.optimizer, cfg, cfg.max_iters, run.db.meta)
+            r = history["val"][cfg.max_iters] = evaluate(model, data, ctx, device, desc="final eval")
+            probe = retrieval_probe(model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
             log_eval(run.log_path, cfg.max_iters, r, run.tokens_per_step, final=True, probe=probe)
             print(f"trained {cfg.max_iters - run.start} steps in {run.train_time / 60:.1f} min")
             report(r, probe, run.db.meta)
-            retriever = Retriever(run.db.path, run.device) if cfg.n_neighbours else None
-            sample_held_out(run.raw_model.eval(), run.data, retriever, cfg, run.device)
+            sample_held_out(model.eval(), run.db, cfg, device)
     if run.ddp:     # the others wait for process 0's evaluation: a group torn down by one process alone can abort
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -391,57 +383,32 @@ def eager():
     return torch.compiler.set_stance("force_eager")
 
 
-def training_flops(model, data, device) -> float:
-    """FLOPs of one training sequence (forward + backward), as torch's FlopCounterMode counts them: one
-    sequence's pass, a fraction of a step (the matrix products; recompute_ffw's GELU is not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x, y, nb = (t[:1].to(device) if t is not None else None for t in data.batch("train", 0, 0, 0))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x, nb, y)[1].backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
 # ---- the edited-copy recipe (--synthetic): a reason to read, where the database rarely holds one -----------
 
-SYNTHETIC_AUTO = 0.5                # --synthetic auto's share, where the database rarely holds what follows a chunk
+# --synthetic auto's share of chunks (Data), where fewer than half the held-out chunks retrieve neighbours that hold
+# what follows them (Database.overlap: the KJV alone 13%, Austen 2%; a model trained there learns to ignore its
+# neighbours, and a database grown later is wasted); none where more do (the quick start's 81%: real neighbours
+# teach it to read)
+SYNTHETIC_AUTO = 0.5
 
 
-def synthetic_share(cfg: TrainConfig, db: build_db.Database) -> float:
-    """--synthetic as a share of chunks. auto: SYNTHETIC_AUTO where fewer than half the held-out chunks retrieve
-    neighbours that hold what follows them (Database.overlap: the KJV alone 13%, Austen 2%; a model trained there
-    learns to ignore its neighbours, and a database grown later is wasted), 0 where more do (the quick start's
-    81%: real neighbours teach it to read)."""
-    if cfg.synthetic != "auto":
-        return float(cfg.synthetic)
-    return SYNTHETIC_AUTO if cfg.n_neighbours and db.overlap() < 0.5 else 0.0
-
-
-def edited_copy(stream, at: int, n: int, rng, pad: int, eot: int, noise: float = 0.1, shift: int = 0) -> np.ndarray:
-    """n tokens of stream from about position at, changed the way related text differs from it: the start moved
-    by up to `shift` tokens either way (other chunk boundaries), each token dropped with probability noise, else
-    replaced with probability noise by a token from elsewhere in the stream; nothing after the document's end."""
-    a = int(np.clip(at + rng.integers(-shift, shift + 1), 0, len(stream) - 1))
-    seg = np.asarray(stream[a:a + 2 * n], np.int64)
-    seg = seg[rng.random(len(seg)) >= noise]
-    swap = rng.random(len(seg)) < noise
-    seg[swap] = stream[rng.integers(0, len(stream), int(swap.sum()))]
-    seg = seg[:n]
-    if (ends := np.flatnonzero(seg == eot)).size:
-        seg = seg[:ends[0] + 1]
-    return np.pad(seg, (0, n - len(seg)), constant_values=pad)
-
-
-def add_edited_copies(nb, stream, starts, M: int, share: float, rng, pad: int, eot: int):
+def add_edited_copies(nb, stream, starts, M: int, share: float, rng, pad: int, eot: int, noise: float = 0.1):
     """--synthetic, in training only: each chunk u of the sequences starting at chunks `starts`, with probability
-    share, reads as its last neighbour an edited copy (edited_copy) of [C_u, C_{u+1}] in place of the one
-    retrieved. A model whose real neighbours rarely hold its continuation learns to ignore them, and then
-    cannot use a database grown later; with some chunks whose neighbour holds the answer in other words,
-    reading pays in training too. Evaluation never sees one. nb (B, L, K, 2M), changed in place."""
+    share, reads as its last neighbour an edited copy of [C_u, C_{u+1}]: the answer in other words, so that reading
+    pays in training too. Edited the way related text differs: the start moved by up to M/4 tokens either way
+    (other chunk boundaries), each token dropped with probability noise, else replaced with probability noise by
+    one from elsewhere in the stream; nothing after the document's end. nb (B, L, K, 2M), changed in place."""
     for b, s in enumerate(starts):
         for u in np.flatnonzero(rng.random(nb.size(1)) < share):
-            nb[b, u, -1] = torch.from_numpy(edited_copy(stream, (s + u) * M, 2 * M, rng, pad, eot, shift=M // 4))
+            a = int(np.clip((s + u) * M + rng.integers(-(M // 4), M // 4 + 1), 0, len(stream) - 1))
+            seg = np.asarray(stream[a:a + 4 * M], np.int64)
+            seg = seg[rng.random(len(seg)) >= noise]
+            swap = rng.random(len(seg)) < noise
+            seg[swap] = stream[rng.integers(0, len(stream), int(swap.sum()))]
+            seg = seg[:2 * M]
+            if (ends := np.flatnonzero(seg == eot)).size:
+                seg = seg[:ends[0] + 1]
+            nb[b, u, -1] = torch.from_numpy(np.pad(seg, (0, 2 * M - len(seg)), constant_values=pad))
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------
@@ -449,21 +416,17 @@ def add_edited_copies(nb, stream, starts, M: int, share: float, rng, pad: int, e
 @torch.no_grad()
 def evaluate(model, data, ctx, device, n_batches=None, desc="eval") -> dict:
     """Held-out loss (nats per token) and bits per byte with the retrieved neighbours (RETRO[ON]) and with them
-    withheld, the same weights (RETRO[OFF]; for a model trained without neighbours, the same as ON), and both
-    per chunk of the held-out stream ("chunks": nats and bytes of the tokens in each chunk, for bpb_by_overlap).
-
-    Every held-out token is scored once (Data.eval_batches), and every one after the stream's first M - 1 reads
-    neighbours, with at least M tokens of context. The paper (section 4.1) scores each document on its own in
-    windows of n = 2048 tokens with a stride of 1024, so a token has n/2 of context or more, and a document's
-    first chunk reads nothing (RET(C_1) = {}); here the windows run across documents, as training's sequences do,
-    with a stride of n - m: the same context at 1.14x the forward passes of disjoint windows, rather than 2x.
-    Bits per byte are the paper's (equation 5): the chunks' summed loss over the bytes of text they hold.
+    withheld, the same weights (RETRO[OFF]; without retrieval, the same as ON), and both per held-out chunk
+    ("chunks": the nats and bytes of its tokens, for bpb_by_overlap). Every held-out token is scored once
+    (Data.eval_batches), with at least M tokens of context. The paper (section 4.1) scores each document on its
+    own in windows of n = 2048 tokens with a stride of 1024, so a document's first chunk reads nothing
+    (RET(C_1) = {}); here the windows run across documents, as training's sequences do, with a stride of n - m:
+    1.14x the forward passes of disjoint windows, rather than 2x. Bits per byte are the paper's (equation 5);
     <|endoftext|> holds none and is not scored: the paper's documents are scored whole, with no end to predict."""
     model.eval()
     M, T, eot = data.M, data.cfg.block_size, data.meta["eot_id"]
-    n_chunks = len(data.tokens["val"]) // M
-    chunks = {k: torch.zeros(n_chunks, dtype=torch.float64) for k in ("on", "off", "tokens", "bytes")}
     modes = ("on", "off") if data.cfg.n_neighbours else ("on",)
+    chunks = {k: torch.zeros(len(data.tokens["val"]) // M, dtype=torch.float64) for k in (*modes, "tokens", "bytes")}
     for starts in tqdm(data.eval_batches(n_batches), desc=desc, leave=False, disable=None):
         x, y, nb = (t.to(device) if t is not None else None for t in data.sequences("val", starts))
         later = torch.as_tensor(starts, device=device)[:, None] > 0                # (B, 1): not the first window
@@ -477,8 +440,7 @@ def evaluate(model, data, ctx, device, n_batches=None, desc="eval") -> dict:
                 logits = model(x, nb if mode == "on" else None)[0]
             nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
             chunks[mode].index_add_(0, chunk, nll.view(y.shape).cpu()[scored].double())
-    if len(modes) == 1:
-        chunks["off"] = chunks["on"]
+    chunks.setdefault("off", chunks["on"])                                        # without retrieval, OFF is ON
     model.train()
     n_tokens, n_bytes = chunks["tokens"].sum().item(), chunks["bytes"].sum().item()
     r = {m: (chunks[m].sum().item() / n_tokens, chunks[m].sum().item() / math.log(2) / n_bytes) for m in ("on", "off")}
@@ -542,9 +504,7 @@ def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu"):
 
 
 def report(r: dict, probe: dict, meta: dict, by_overlap: list = None):
-    """The end of a run, in words: held-out bits per byte with the retrieved neighbours and with them withheld
-    (the same weights), what the oracle check says about whether the model reads them, and, given
-    bpb_by_overlap's rows, the bits per byte on the chunks that overlap the database at most so much."""
+    """evaluate's numbers in words, the oracle check's verdict, and bpb_by_overlap's rows if given."""
     (on, off), n = (r["on"][1], r["off"][1]), meta["n_val_documents"]
     tokens = int(r["chunks"]["tokens"].sum())
     print(f"held-out text: {n} document{'s' * (n > 1)} never trained on ({tokens:,} tokens scored, each once)")
@@ -572,27 +532,19 @@ def log_eval(path: Path, step: int, r: dict, tokens_per_step: int, final: bool =
                                 bpb_on=r["on"][1], loss_off=r["off"][0], bpb_off=r["off"][1], **extra)) + "\n")
 
 
-def evaluate_checkpoint(cfg: TrainConfig, retriever=None) -> dict:
-    """--eval_only: the whole held-out set with the database's stored neighbours, or with those that retriever
-    finds now (a server's: extras/sample.py), the oracle check, and bits per byte by overlap."""
-    ckpt, cfg = trained_model(cfg)
-    device = build_db.resolve_device(cfg.device)
-    dtype, _ = build_db.resolve_dtype(cfg.dtype, device)
-    ckpt_path, tc = Path(cfg.out_dir) / "ckpt.pt", ckpt["train_config"]
-    if retriever is not None:                       # its database must fit the model, as the held-out text's does
-        load_checkpoint(ckpt_path, retriever.meta, getattr(retriever, "url", "the retriever"), ckpt)
-    db = prepare_db(cfg, training=False)
-    load_checkpoint(ckpt_path, db.meta, db.path, ckpt)
-    data, model, ctx = Data(db, cfg), load_model(ckpt, device), autocast(device, dtype)
-    if retriever is not None:
-        data.retrieve_val(retriever)
+def evaluate_checkpoint(cfg: TrainConfig, served=None) -> dict:
+    """--eval_only: the whole held-out set, the oracle check, and bits per byte by overlap. served(data, ckpt) ->
+    its address: extras/sample.py's puts a server's held-out neighbours in place of the stored ones."""
+    model, ckpt, cfg, db, device = trained_model(cfg)
+    data, ctx = Data(db, cfg), autocast(device, build_db.resolve_dtype(cfg.dtype, device)[0])
+    where = served(data, ckpt) if served else str(db.path)
     r = evaluate(model, data, ctx, device, desc="eval")
     r["probe"] = retrieval_probe(model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
     # the overlap of the held-out text with the model's own database (a server's is mostly the same one)
     r["by_overlap"] = bpb_by_overlap(r["chunks"], chunk_overlap(db)) if cfg.n_neighbours else None
-    where = getattr(retriever, "url", str(db.path))
-    print(f"{ckpt_path} (step {ckpt['iter']}) with {where}:")
+    print(f"{Path(cfg.out_dir) / 'ckpt.pt'} (step {ckpt['iter']}) with {where}:")
     report(r, r["probe"], db.meta, r["by_overlap"])
+    tc = ckpt["train_config"]
     log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
              tc["block_size"], final=True, db=where, probe=r["probe"], by_overlap=r["by_overlap"])
     return r
@@ -674,29 +626,25 @@ def save_checkpoint(path: Path, raw_model, optimizer, cfg, it, meta):
             "model_config": asdict(raw_model.config), "train_config": asdict(cfg), "corpus": meta["corpus"],
             "tokenizer_sha256": meta["tokenizer_sha256"]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with build_db.atomic(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def trained_model(cfg: TrainConfig) -> tuple:
-    """--sample and --eval_only: the checkpoint in out_dir, and cfg with its shapes and, without --data or --db,
-    the database it was trained with."""
+def trained_model(cfg: TrainConfig, server=None) -> tuple:
+    """--sample and --eval_only: (out_dir's model, its checkpoint, cfg with its shapes, the database, the device).
+    The database, which must fit the model: server (a served one: extras/sample.py) if given, else cfg's, which
+    without --data or --db is the one the model was trained with, as it is now."""
     if "RANK" in os.environ:
         raise DBError("--sample and --eval_only run in one process: python train.py ..., not torchrun")
-    ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
-    tc = ckpt["train_config"]
+    ckpt = load_checkpoint(path := Path(cfg.out_dir) / "ckpt.pt")
+    tc, device = ckpt["train_config"], build_db.resolve_device(cfg.device)
     cfg = replace(cfg, **{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours", "batch_size")})
-    return ckpt, (trained_with(cfg, tc) if not cfg.db and cfg.data == TrainConfig.data else cfg)
-
-
-def load_model(ckpt: dict, device: str) -> RETRO:
+    cfg = trained_with(cfg, tc) if not cfg.db and cfg.data == TrainConfig.data else cfg
+    db = server or prepare_db(cfg, training=False)
+    load_checkpoint(path, db.meta, server.url if server else db.path, ckpt)
     model = RETRO(RetroConfig(**ckpt["model_config"])).to(device).eval()
     model.load_state_dict(ckpt["model"])
-    return model
+    return model, ckpt, cfg, db, device
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------
@@ -714,47 +662,38 @@ def retrieval(retriever, K: int, reads: list = None):
 
 
 def generate(model, tok, prompt: str, cfg: TrainConfig, device: str, retrieve=None) -> str:
-    """Sample max_new_tokens after prompt ("": a new document). retrieve gives the neighbours of each chunk as it
-    completes (None: a model without retrieval)."""
+    """max_new_tokens sampled after prompt ("": a new document); retrieve: RETRO.generate's (None: no retrieval)."""
     idx = torch.tensor([tok.encode(prompt).ids or [tok.token_to_id(SEPARATOR)]], device=device)
     torch.manual_seed(cfg.seed)
     out = model.generate(idx, cfg.max_new_tokens, retrieve, cfg.temperature, cfg.top_k or None)
     return tok.decode(out[0].tolist(), skip_special_tokens=False)
 
 
-def sample(cfg: TrainConfig, retriever=None, wrap=None) -> str:
+def sample(cfg: TrainConfig, server=None, wrap=None) -> str:
     """--sample: generate from out_dir/ckpt.pt, retrieving from the database it was trained with (or --db), or
-    from retriever (a server's). wrap(retrieve, tokenizer, cfg) -> the retrieve to use: extras/sample.py's shows
+    from server (a served one). wrap(retrieve, tokenizer, cfg) -> the retrieve to use: extras/sample.py's shows
     each chunk's neighbours or lets you choose them."""
-    ckpt, cfg = trained_model(cfg)
-    device = build_db.resolve_device(cfg.device)
-    if retriever is None:
-        db = prepare_db(cfg, training=False)
-        load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", db.meta, db.path, ckpt)
-        retriever, tok = Retriever(db.path, device) if cfg.n_neighbours else None, db.tokenizer
-    else:
-        load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", retriever.meta, retriever.url, ckpt)
-        tok = retriever.tokenizer
-    retrieve = retrieval(retriever, cfg.n_neighbours) if cfg.n_neighbours else None
-    return generate(load_model(ckpt, device), tok, cfg.sample, cfg, device, wrap(retrieve, tok, cfg) if wrap else
+    model, _, cfg, db, device = trained_model(cfg, server)
+    retrieve = retrieval(server or Retriever(db.path, device), cfg.n_neighbours) if cfg.n_neighbours else None
+    return generate(model, db.tokenizer, cfg.sample, cfg, device, wrap(retrieve, db.tokenizer, cfg) if wrap else
                     retrieve)
 
 
-def sample_held_out(model, data, retriever, cfg: TrainConfig, device: str):
+def sample_held_out(model, db: build_db.Database, cfg: TrainConfig, device: str):
     """The end of a run: a sample that starts with a held-out document's first words, and the database chunk
     each completed chunk retrieved (its nearest neighbour, abridged), which the tokens after it read."""
-    tok, M, reads = data.tokenizer, cfg.chunk_len, []
-    retrieve = retrieval(retriever, cfg.n_neighbours, reads) if retriever else None
-    text = generate(model, tok, tok.decode(data.tokens["val"][:M // 2].tolist()), cfg, device, retrieve)
-    print(f"sample from a held-out document's first words{', with retrieval' if retriever else ''}:\n{text}")
+    tok, M, reads = db.tokenizer, cfg.chunk_len, []
+    retrieve = retrieval(Retriever(db.path, device), cfg.n_neighbours, reads) if cfg.n_neighbours else None
+    text = generate(model, tok, tok.decode(db.tokens["val"][:M // 2].tolist()), cfg, device, retrieve)
+    print(f"sample from a held-out document's first words{', with retrieval' if retrieve else ''}:\n{text}")
 
     def abridge(ids) -> str:                                    # one line of at most 60 characters
-        text = " ".join(tok.decode([i for i in ids.tolist() if i != data.meta["pad_id"]]).split())
+        text = " ".join(tok.decode([i for i in ids.tolist() if i != db.meta["pad_id"]]).split())
         return text if len(text) <= 60 else text[:57] + "..."
     if reads:
         print(f"what each chunk of {M} tokens retrieved (its nearest neighbour), read by the tokens after it:")
     for u, (chunk, ids, nb) in enumerate(reads):
-        source = Path(build_db.source_of(data.meta, int(ids[0]))[0] or "nothing").name
+        source = Path(build_db.source_of(db.meta, int(ids[0]))[0] or "nothing").name
         print(f"  chunk {u} {abridge(chunk)!r}\n      read {source}: {abridge(nb[0, :M])!r}"
               f"\n        continued: {abridge(nb[0, M:])!r}")
 

@@ -315,8 +315,8 @@ neighbours are each other, and nprobe 1 finds 98.6% of them.
     searched = min(args.search or args.n, args.n)
     peak_rss_gib(reset=True)
     t = time.perf_counter()
-    ids = build_db.search(index, emb, m, "search", lambda found, rows: build_db.exclude_own_sequences(
-        found, args.k, n_seq, args.n, None, rows), range(searched))
+    ids = build_db.search(index, emb[:searched], m, "search", lambda found, rows: build_db.exclude_own_sequences(
+        found, args.k, n_seq, args.n, None, rows))
     step(f"search {searched:,} chunks", t, peak_rss_gib())
     print(f"{searched / steps[f'search {searched:,} chunks'][0]:.0f} chunks/s: all {args.n:,} chunks in "
           f"{args.n / searched * steps[f'search {searched:,} chunks'][0] / 60:.1f} min")

@@ -28,12 +28,9 @@ ALPHAS = np.round(np.linspace(0, 1, 33), 4)     # the curve; train.ALPHAS are th
 
 def evaluate(out_dir: str, db: str, device: str, dtype: str) -> tuple:
     """(evaluate's result, the database) for out_dir's checkpoint with db ("-": the one it was trained with)."""
-    ckpt, cfg = train.trained_model(train.TrainConfig(out_dir=out_dir, db="" if db == "-" else db))
-    database = train.prepare_db(cfg, training=False)
-    train.load_checkpoint(Path(out_dir) / "ckpt.pt", database.meta, database.path, ckpt)
-    device = build_db.resolve_device(device)
+    model, _, cfg, database, device = train.trained_model(
+        train.TrainConfig(out_dir=out_dir, db="" if db == "-" else db, device=device))
     ctx = build_db.autocast(device, build_db.resolve_dtype(dtype, device)[0])
-    model = train.load_model(ckpt, device)
     return train.evaluate(model, train.Data(database, cfg), ctx, device, desc=out_dir), database
 
 

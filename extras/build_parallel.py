@@ -7,7 +7,8 @@ build_db.py in several processes: the same database, file for file, with the two
 Process 0 runs build_db.build as one process would. Its embed_chunks and find_neighbours are replaced by the
 versions below, which hand the other processes a task (what to read and where to write: the token streams,
 the embeddings and the index are files) and do their own share; the others wait for tasks until process 0 is
-done. A process that fails a task names itself in process 0's one-line error, and nothing is half-written.
+done. A share is every WORLD-th batch of embeddings, and a WORLD-th of the rows that build_db.search searches.
+A process that fails a task names itself in process 0's one-line error, and nothing is half-written.
 """
 
 import functools
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import build_db  # noqa: E402
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-local_find_neighbours = build_db.find_neighbours         # process 0 replaces it with the version below
+local_find_neighbours, local_search = build_db.find_neighbours, build_db.search     # replaced by main
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,21 +35,42 @@ def embedder(name, pooling, device, dtype):
     return build_db.Embedder(name, pooling, device, dtype)
 
 
+def part_file(out, split: str, rank: int) -> Path:
+    """Where process rank leaves its share of split's neighbours: a temporary name, which build_db.clean removes."""
+    return Path(out) / f".{split}_ids.part{rank}.tmp.npy"
+
+
+def embed_share(task: dict):
+    """build_db.embed_chunks's batches RANK, RANK + WORLD, ..., into the file process 0 made."""
+    tok, B, desc = Tokenizer.from_str(task["tokenizer"]), task["batch_size"], task["desc"] if RANK == 0 else None
+    e, emb = embedder(*task["embedder"]), np.lib.format.open_memmap(task["emb"], mode="r+")
+    chunks = np.load(task["stream"], mmap_mode="r").reshape(-1, task["M"])
+    order = build_db.by_length(tok, chunks)
+    with build_db.progress(len(chunks), desc) as bar:
+        for i in range(RANK * B, len(chunks), WORLD * B):
+            rows = order[i:i + B]
+            emb[rows] = e(tok.decode_batch(chunks[rows].tolist(), skip_special_tokens=True))
+            bar.update(len(rows) * WORLD)
+    emb.flush()
+
+
+def search_share(index, emb, k: int, desc: str, keep=None):
+    """build_db.search on this process's share of the rows of emb (it replaces build_db.search in each process)."""
+    a, b = len(emb) * RANK // WORLD, len(emb) * (RANK + 1) // WORLD
+    return local_search(index, emb[a:b], k, desc if RANK == 0 else None,     # keep gets rows numbered in all emb
+                        keep and (lambda found, rows: keep(found, rows + a)))
+
+
 def run(task: dict):
     """Do this process's share of a task; every process then learns whether any failed."""
     error = None
     try:
-        part = (RANK, WORLD)
         if task["kind"] == "embed":
-            e = embedder(*task["embedder"])
-            emb = np.lib.format.open_memmap(task["emb"], mode="r+")
-            build_db.embed_into(emb, e, Tokenizer.from_str(task["tokenizer"]), np.load(task["stream"], mmap_mode="r"),
-                                task["M"], task["batch_size"], task["desc"] if RANK == 0 else None, part)
-            emb.flush()
+            embed_share(task)
         else:
             out, meta = Path(task["out"]), task["meta"]
-            for split, ids in local_find_neighbours(build_db.read_index(out, meta), out, meta, part).items():
-                np.save(build_db.temporary(out / f"{split}_ids.part{RANK}.npy"), ids)
+            for split, ids in local_find_neighbours(build_db.read_index(out, meta), out, meta).items():
+                np.save(part_file(out, split, RANK), ids)
     except Exception as e:              # a KeyboardInterrupt still ends the process at once
         error = str(e) if isinstance(e, build_db.DBError) else f"{type(e).__name__}: {e}"
     errors = [None] * WORLD
@@ -71,9 +93,9 @@ def embed_chunks(embedder, tok, stream, M, batch_size, out_path, desc):
                   embedder=(embedder.name, embedder.pooling, embedder.device, str(embedder.dtype)[6:])))
 
 
-def find_neighbours(index, out, meta, part=(0, 1)) -> dict:
+def find_neighbours(index, out, meta) -> dict:
     send(dict(kind="search", what="searching neighbours", out=str(out), meta=meta))
-    parts = {s: [build_db.temporary(out / f"{s}_ids.part{r}.npy") for r in range(WORLD)] for s in ("train", "val")}
+    parts = {s: [part_file(out, s, r) for r in range(WORLD)] for s in ("train", "val")}
     try:
         return {s: np.concatenate([np.load(p) for p in files]) for s, files in parts.items()}
     finally:
@@ -84,7 +106,7 @@ def find_neighbours(index, out, meta, part=(0, 1)) -> dict:
 def main(argv=None):
     cfg = build_db.cli(build_db.DBConfig, "build_parallel.py", "build_db.py in several processes (torchrun).", argv)
     dist.init_process_group("gloo", timeout=timedelta(hours=12))   # small objects only: arrays go through files
-    failed = False
+    build_db.search, failed = search_share, False          # each process searches its share of the rows
     try:
         if RANK == 0:
             build_db.embed_chunks, build_db.find_neighbours = embed_chunks, find_neighbours

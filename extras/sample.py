@@ -19,7 +19,9 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
@@ -105,9 +107,22 @@ def sample(cfg: SampleConfig) -> str:
     return text
 
 
+def retrieve_val(data: train.Data, retriever, batch: int = 256):
+    """Validation neighbours found now by retriever (a server's), in place of the stored ones."""
+    chunks = np.asarray(data.tokens["val"]).reshape(-1, data.M)
+    data.neighbours["val"] = np.concatenate([retriever.query(chunks[i:i + batch])["neighbours"] for i in tqdm(
+        range(0, len(chunks), batch), desc="retrieve val", leave=False, disable=None)])
+
+
 def evaluate(cfg: SampleConfig) -> dict:
     """--eval_only with a server: the held-out text of the model's own database, its neighbours from the server."""
-    return train.evaluate_checkpoint(replace(cfg, db="", data=train.TrainConfig.data), RemoteRetriever(cfg.db))
+    server = RemoteRetriever(cfg.db)
+
+    def served(data, ckpt):                 # the server's database must fit the model, as the held-out text's does
+        train.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", server.meta, server.url, ckpt)
+        retrieve_val(data, server)
+        return server.url
+    return train.evaluate_checkpoint(replace(cfg, db="", data=train.TrainConfig.data), served)
 
 
 def main(argv=None):

@@ -13,6 +13,7 @@ one-line JSON error, and the server serves on.
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
@@ -25,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenizers import Tokenizer  # noqa: E402
 
-from build_db import DBConfig, DBError, Retriever, db_dir, tokenizer_hash  # noqa: E402
+from build_db import DBConfig, DBError, Retriever, db_dir, is_unicode, tokenizer_hash  # noqa: E402
 
 MAX_BODY, MAX_CHUNKS = 1 << 20, 256     # bytes per request body, chunks (or texts) per request
 
@@ -40,8 +41,7 @@ class Batcher:
         self.lock, self.waiting_lock = threading.Lock(), threading.Lock()
 
     def query(self, chunks=None, texts=None, k: int = None) -> dict:
-        texts, k = self.retriever.check(chunks, texts, k)
-        mine = dict(texts=texts, k=k)
+        mine = self.check(chunks, texts, k)
         with self.waiting_lock:
             self.waiting.append(mine)
         with self.lock:
@@ -60,6 +60,22 @@ class Batcher:
         if "error" in mine:
             raise mine["error"]
         return dict(ids=mine["ids"], distances=mine["distances"], neighbours=self.retriever.tokens(mine["ids"]))
+
+    def check(self, chunks, texts, k) -> dict:
+        """query's arguments -> {"texts", "k"}, or a ValueError that says what is wrong with them."""
+        r, k = self.retriever, self.retriever.k if k is None else k
+        if not (isinstance(k, (int, np.integer)) and 1 <= k <= r.index.ntotal):
+            raise ValueError(f"k must be an integer from 1 to {r.index.ntotal} (the chunks in the database), not {k!r}")
+        if texts is None:
+            chunks, V = np.asarray(chunks), r.meta["vocab_size"]
+            if not (chunks.ndim == 2 and chunks.shape[1] == r.M and np.issubdtype(chunks.dtype, np.integer)
+                    and (chunks.size == 0 or 0 <= chunks.min() and chunks.max() < V)):
+                raise ValueError(f"chunks {chunks.shape} of {chunks.dtype}: expected (B, {r.M}) token ids "
+                                 f"in 0..{V - 1}")
+            texts = r.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True)
+        elif isinstance(texts, str) or not all(isinstance(t, str) and is_unicode(t) for t in texts):
+            raise ValueError("texts must be a list of strings of valid Unicode (one per query)")
+        return dict(texts=list(texts), k=int(k))
 
 
 class BadRequest(Exception):
@@ -86,7 +102,7 @@ def parse_query(body: bytes, meta: dict) -> dict:
     items = q[name]
     if not isinstance(items, list) or not items or len(items) > MAX_CHUNKS:
         raise BadRequest(400, f'"{name}" must be a list of 1 to {MAX_CHUNKS} {name}')
-    if name == "texts":                 # Retriever.check checks them, as it does for every caller
+    if name == "texts":                 # Batcher.check checks them
         return dict(texts=items, k=k)
     for i, c in enumerate(items):
         if not isinstance(c, list) or len(c) != M or not all(type(t) is int for t in c):
@@ -97,12 +113,11 @@ def parse_query(body: bytes, meta: dict) -> dict:
 
 
 def make_server(db, host: str = "127.0.0.1", port: int = 8000, device: str = "auto"):
-    """A threaded HTTP server of the database folder db (port 0: a free one). It reads only that folder, and
-    answers GET /meta (meta.json and the server's limits), GET /tokenizer.json, and POST /neighbours."""
+    """A threaded HTTP server of the database folder db (port 0: a free one), which reads only that folder."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     retriever = Batcher(Retriever(db, device))
     meta = {**retriever.retriever.meta, "server": dict(max_body_bytes=MAX_BODY, max_chunks=MAX_CHUNKS)}
-    tokenizer_json = (Path(db) / "tokenizer.json").read_bytes()
+    served = {"/meta": meta, "/tokenizer.json": (Path(db) / "tokenizer.json").read_bytes()}      # what GET serves
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 60                    # seconds a client may take to send its request
@@ -116,10 +131,8 @@ def make_server(db, host: str = "127.0.0.1", port: int = 8000, device: str = "au
             self.wfile.write(data)
 
         def do_GET(self):
-            if self.path == "/meta":
-                self.answer(200, meta)
-            elif self.path == "/tokenizer.json":
-                self.answer(200, tokenizer_json)
+            if self.path in served:
+                self.answer(200, served[self.path])
             else:
                 self.answer(404, {"error": f"no {self.path}: GET /meta, GET /tokenizer.json, POST /neighbours"})
 
@@ -144,7 +157,7 @@ def make_server(db, host: str = "127.0.0.1", port: int = 8000, device: str = "au
                     raise BadRequest(408, f"the body's {size} bytes did not arrive within {self.timeout} s") from None
                 r = retriever.query(**parse_query(body, meta))
                 self.answer(200, {name: v.tolist() for name, v in r.items()})
-            except (BadRequest, ValueError) as e:      # ValueError: Retriever.check refused the arguments
+            except (BadRequest, ValueError) as e:      # ValueError: Batcher.check refused the arguments
                 self.answer(getattr(e, "code", 400), {"error": str(e)})
             except Exception as e:                      # a bug, not the request's fault: say so, and serve on
                 self.answer(500, {"error": f"{type(e).__name__}: {e}"})
@@ -229,12 +242,8 @@ def main(argv=None):
     host, port = server.server_address[:2]
     print(f"serving {args.db} at http://{host}:{port} (GET /meta, GET /tokenizer.json, POST /neighbours); "
           f"Ctrl-C stops", flush=True)
-    try:
+    with server, contextlib.suppress(KeyboardInterrupt):          # the server closes when it ends
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
 
 
 if __name__ == "__main__":

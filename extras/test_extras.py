@@ -107,7 +107,7 @@ def test_evaluation_through_a_server_retrieves_the_validation_neighbours_remotel
     cfg = train.TrainConfig(block_size=DB_SEQ, chunk_len=DB_M)
     data = train.Data(build_db.open_db(grown_db.out), cfg)
     stored = np.asarray(data.neighbours["val"])
-    data.retrieve_val(local)
+    sample_tool.retrieve_val(data, local)
     assert (np.asarray(data.neighbours["val"]) == stored).all(-1).all(-1).mean() > 0.9   # fp16 embeddings: ~all equal
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     model = RETRO(RetroConfig(**ckpt["model_config"])).eval()
@@ -246,9 +246,9 @@ def test_remote_queries_of_any_size_equal_local_ones(served, grown_db, monkeypat
 
 def test_a_bad_query_fails_alone_with_what_is_wrong(grown_db):
     """Queries are checked before they join a batch: a bad one raises in its own thread only, and says why."""
-    retriever = build_db.Retriever(grown_db.out, device="cpu")
+    retriever = retrieval_server.Batcher(build_db.Retriever(grown_db.out, device="cpu"))
     chunks = load(grown_db, "val_tokens").reshape(-1, DB_M)[:4].astype(np.int64)
-    V, n = retriever.meta["vocab_size"], retriever.index.ntotal
+    V, n = retriever.retriever.meta["vocab_size"], retriever.retriever.index.ntotal
     for kw, words in [(dict(chunks=chunks, k=0), "k must be"), (dict(chunks=chunks, k=n + 1), "k must be"),
                       (dict(chunks=chunks, k=-1), "k must be"), (dict(chunks=chunks[:, 1:]), "expected"),
                       (dict(chunks=chunks + V), "token ids in"), (dict(texts="one string"), "list of strings"),
