@@ -974,10 +974,11 @@ def grown_db(multi_db, tmp_path_factory):
 @shared
 def other_db(tmp_path_factory):
     """Another text, so another tokenizer: the three shortest books, with the openings of Obadiah and Jude as
-    retrieval-only texts."""
+    retrieval-only texts. Embedded in fp32: its two-process twin (extras/test_extras.py) must equal it, and bf16
+    products summed in another order (other threads) can swap two near neighbours."""
     tmp = tmp_path_factory.mktemp("other")
     texts = ",".join(str(write_corpus(tmp / f"{name}.txt", openings(i))) for name, i in (("obad", 30), ("jude", 64)))
-    return small_db(tmp, "other", bible_books(*BOOKS), retrieval_texts=texts)
+    return small_db(tmp, "other", bible_books(*BOOKS), retrieval_texts=texts, dtype="float32")
 
 
 def all_tokens(cfg):

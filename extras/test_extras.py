@@ -432,7 +432,7 @@ FLAGS = ["--chunk_len", str(DB_M), "--seq_len", str(DB_SEQ), "--vocab_size", "51
 TORCHRUNS[__name__] = {                 # started with test_retro.py's, at the first request of the fixture torchruns
     "build": (build_parallel_script(), lambda fixture: [fixture("other_db").text, "--out", "{tmp}/two",
                                                         "--retrieval_texts", fixture("other_db").retrieval_texts,
-                                                        "--k", "2", "--val_every", "3", *FLAGS]),
+                                                        "--k", "2", "--val_every", "3", "--dtype", "float32", *FLAGS]),
     "build fails": (build_parallel_script(FAIL_IN_PROCESS_1), lambda fixture: [fixture("other_db").text, "--out",
                                                                                "{tmp}/db", *FLAGS]),
 }
