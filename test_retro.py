@@ -551,7 +551,7 @@ def test_synthetic_auto_gives_edited_copies_where_the_database_rarely_holds_what
     """--synthetic auto: edited copies where the retrieval outlook is below 50% (a model would learn to ignore its
     neighbours there), none where real neighbours hold what follows (the quick start), none without retrieval."""
     db, cfg = build_db.open_db(multi_db.out), train.TrainConfig(block_size=DB_SEQ, chunk_len=DB_M)
-    assert cfg.synthetic == "auto" and db.overlap() < 0.5
+    assert cfg.synthetic == "auto" and db.meta["overlap"] < 0.5
     rich = replace(db, meta={**db.meta, "overlap": 0.81})
     assert train.Data(db, cfg).synthetic == train.SYNTHETIC_AUTO > 0
     assert train.Data(rich, cfg).synthetic == 0 == train.Data(db, replace(cfg, n_neighbours=0)).synthetic
@@ -1136,23 +1136,6 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(trained, mul
     assert resumed["val"][40]["on"][0] == pytest.approx(reference["val"][40]["on"][0], rel=1e-5)
 
 
-def test_sampling_without_data_or_db_uses_the_database_the_model_was_trained_with(trained, tmp_path, monkeypatch):
-    out, _ = trained
-    monkeypatch.chdir(tmp_path)                         # no text.txt here: the default text's database cannot be built
-    assert train.main(["--sample", "Ruth1:1", "--out_dir", str(out), "--device", "cpu"]).startswith("Ruth1:1")
-    assert set(train.main(["--eval_only", "--out_dir", str(out), "--device", "cpu"])) == {"on", "off", "probe", "chunks",
-                                                                                         "by_overlap"}
-    assert not (tmp_path / "data").exists()
-
-
-def test_an_empty_prompt_samples_a_new_document_and_trains_nothing(trained, multi_db, capsys):
-    out, _ = trained
-    before = (out / "ckpt.pt").read_bytes()
-    text = run_train(multi_db, out, "--sample", "")                  # an empty prompt: a new document, no training
-    assert text.startswith("<|endoftext|>") and len(text) > len("<|endoftext|>")
-    assert (out / "ckpt.pt").read_bytes() == before and not re.search(r"^step \d", capsys.readouterr().out, re.M)
-
-
 def test_a_checkpoint_that_fails_to_save_leaves_the_previous_one_and_no_temporary_file(tmp_path, monkeypatch):
     model = RETRO(RetroConfig(vocab_size=37, block_size=16, chunk_len=4, n_layer=1, n_head=1, n_embd=8,
                               cca_layers=(0,), enc_n_layer=1, enc_n_head=1, enc_n_embd=8))
@@ -1206,11 +1189,10 @@ def train_error(capsys, *argv, main=train.main, prog="train.py"):
 # empty folder, {text} the test text, {other} a database of another text), words the one line must hold (or a
 # tuple of them)
 BAD_RUNS = {
-    "sample without a checkpoint": (["--out_dir", "{tmp}", "--sample", "x"], "no checkpoint"),
     "resume without a checkpoint": (["--out_dir", "{tmp}", "--resume"], "no checkpoint"),
     "resume with other model flags": (["--out_dir", "{out}", "--resume", "--n_embd", "48"], "another model config"),
     "a database of another chunk length": (["--chunk_len", "8"], ("python build_db.py", "--chunk_len 8")),
-    "a database with another tokenizer": (["--db", "{other}", "--out_dir", "{out}", "--sample", "x"],
+    "a database with another tokenizer": (["--db", "{other}", "--out_dir", "{out}", "--resume"],
                                           "was trained with tokenizer"),
     "a missing text": (["--data", "{tmp}/missing.txt", "--db", "", "--out_dir", "{tmp}"], "no such file"),
     "a block that is not whole chunks": (["--block_size", "40"], "multiple of --chunk_len"),
@@ -1246,14 +1228,6 @@ def test_a_bad_run_fails_with_one_clear_line(case, trained, multi_db, tmp_path, 
     argv = ["--data", multi_db.text, "--db", multi_db.out, *TINY_MODEL, *(f.format(**names) for f in flags)]
     msg = train_error(capsys, *argv)
     assert all(w in msg for w in ((words,) if isinstance(words, str) else words)), msg
-
-
-def test_eval_only_repeats_the_evaluation_at_the_end_of_training(trained, multi_db):
-    out, _ = trained                                    # trained with --batch_size 4 (the default is 8) in fp32
-    r = train.main(["--eval_only", "--out_dir", str(out), "--db", multi_db.out, "--device", "cpu", "--dtype", "float32"])
-    final = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    assert final["final"] and final["step"] == 40 and r["on"][0] == pytest.approx(final["loss_on"], rel=1e-6)
-    assert r["probe"] == pytest.approx(final["probe"], rel=1e-6)      # the oracle check on the same batches
 
 
 def report_numbers(printed: str) -> tuple:
@@ -1430,30 +1404,10 @@ def test_a_model_trained_in_bf16_evaluates_in_fp32_and_a_bf16_database_answers_f
     itself = np.arange(0, len(load(cfg, "train_tokens")) // DB_M, 5)
     assert (retriever.query(chunks)["ids"][:, 0] == itself).mean() > 0.9
     history = run_train(cfg, tmp_path / "run", "--max_iters", "4", "--dtype", "bfloat16")
-    r = train.main(["--eval_only", "--out_dir", str(tmp_path / "run"), "--device", "cpu", "--dtype", "float32"])
+    from extras import evaluate as evaluate_tool        # a trained model evaluated with its database, in fp32
+    r = evaluate_tool.main(["--out_dir", str(tmp_path / "run"), "--device", "cpu", "--dtype", "float32"])
     assert r["on"][1] == pytest.approx(history["val"][4]["on"][1], rel=0.01)
     assert r["off"][1] == pytest.approx(history["val"][4]["off"][1], rel=0.01)
-
-
-def test_evaluation_with_a_grown_database_retrieves_from_the_added_text(trained, multi_db, grown_db, capsys):
-    """The model trained on multi_db, evaluated with multi_db grown by web.txt (which holds a twin of the
-    held-out Obadiah): the neighbours change, so RETRO[ON] does; RETRO[OFF] reads no neighbours and does not."""
-    out, history = trained
-    assert twin_share(grown_db) > 0.8
-    grown, base = train.main(["--eval_only", "--out_dir", str(out), "--db", grown_db.out, "--device", "cpu",
-                              "--dtype", "float32"]), \
-        history["val"][40]                              # the final evaluation, on all of multi_db's validation set
-    assert all(math.isfinite(v) for mode in ("on", "off") for v in grown[mode]) and grown["on"] != base["on"]
-    assert set(grown["probe"]) == {"none", "stored", "shuffled", "oracle"}
-    assert grown["off"] == pytest.approx(base["off"], rel=1e-5)
-    said = report_numbers(capsys.readouterr().out)     # the summary's numbers are the evaluation's
-    assert said == (round(grown["on"][1], 4), round(grown["off"][1], 4),
-                    round(100 * (1 - grown["probe"]["oracle"] / grown["probe"]["none"])))
-    logged = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
-    assert logged["db"] == grown_db.out and logged["bpb_on"] == grown["on"][1]
-    text = train.main(["--sample", "Obad1:1 The vision", "--out_dir", str(out), "--db", grown_db.out,
-                       "--device", "cpu", "--max_new_tokens", "24"])
-    assert text.startswith("Obad1:1 The vision")
 
 
 @shared
@@ -1464,26 +1418,6 @@ def m8_db(multi_db, tmp_path_factory):
                   tokenizer=multi_db.out, chunk_len=8, k=2, seq_len=DB_SEQ, val_every=3)
     build(m8)
     return m8
-
-
-def test_a_checkpoint_is_refused_in_one_line_by_a_database_with_another_chunk_length(trained, multi_db, m8_db,
-                                                                                       tmp_path, capsys):
-    """Same tokenizer, chunks of 8 tokens: one line naming both (a server of that database says the same: in
-    extras/test_extras.py); another tokenizer is in test_a_bad_run_fails_with_one_clear_line. A file without the
-    tokenizer hash is no checkpoint of train.py: refused in one line."""
-    (out, _), m8 = trained, m8_db
-    h = build_db.load_meta(multi_db.out)["tokenizer_sha256"][:8]
-    assert build_db.load_meta(m8.out)["tokenizer_sha256"][:8] == h
-    for mode in (["--eval_only"], ["--sample", "x"]):
-        msg = train_error(capsys, *mode, "--out_dir", str(out), "--db", m8.out, "--device", "cpu")
-        assert f"trained with tokenizer {h} and chunk_len {DB_M}; {m8.out} has tokenizer {h} and chunk_len 8" in msg
-        assert f"--tokenizer {multi_db.out}" in msg
-    old = torch.load(out / "ckpt.pt", weights_only=True)
-    del old["tokenizer_sha256"]
-    (tmp_path / "old").mkdir()
-    torch.save(old, tmp_path / "old" / "ckpt.pt")
-    assert "is not a checkpoint of train.py" in train_error(capsys, "--eval_only", "--out_dir", str(tmp_path / "old"),
-                                                             "--db", multi_db.out)
 
 
 def test_an_interrupted_add_leaves_the_previous_database(multi_db, tmp_path, monkeypatch):
@@ -1622,23 +1556,6 @@ def test_chunk_overlap_is_the_longest_run_a_chunk_shares_with_its_neighbours_ove
     nb[2, 0, :8] = [1, 2, 3, 0, 0, 0, 0, 0]             # padding matches nothing
     runs = build_db.longest_shared_run(np.where(chunks == pad, -2, chunks), nb, pad) / M
     assert runs.tolist() == [3 / 8, 1.0, 3 / 8]
-
-
-def test_bits_per_byte_by_overlap_at_alpha_1_is_the_whole_set_and_filters_by_overlap_at_most_alpha(trained, multi_db):
-    out, history = trained
-    r = history["val"][40]
-    overlap = train.chunk_overlap(build_db.open_db(multi_db.out))
-    assert overlap.shape == r["chunks"]["tokens"].shape and ((0 <= overlap) & (overlap <= 1)).all()
-    rows = train.bpb_by_overlap(r["chunks"], overlap)
-    assert [row["alpha"] for row in rows] == list(train.ALPHAS)
-    assert rows[-1]["on"] == pytest.approx(r["on"][1]) and rows[-1]["off"] == pytest.approx(r["off"][1])
-    assert rows[-1]["share"] == 1 and all(a["chunks"] <= b["chunks"] for a, b in zip(rows, rows[1:]))
-    held = r["chunks"]["bytes"] > 0
-    for row in rows:
-        sel = held & (overlap <= row["alpha"])
-        assert row["chunks"] == sel.sum()
-        if sel.any():
-            assert row["on"] == pytest.approx(r["chunks"]["on"][sel].sum() / math.log(2) / r["chunks"]["bytes"][sel].sum())
 
 
 @pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),

@@ -5,10 +5,8 @@ Train RETRO on a text file, measure what retrieval buys, and sample with retriev
     python train.py --n_neighbours 0 --out_dir out/baseline     # the same decoder without retrieval
     python train.py --retrofit out/baseline/ckpt.pt --out_dir out/retrofit   # RETRO-fit that baseline
     torchrun --standalone --nproc_per_node=8 train.py # several GPUs, with PyTorch DDP
-    python train.py --sample "Mat5:3 Blessed are"     # generate from out/ckpt.pt, with retrieval
-    python train.py --eval_only --db data/kjv_web     # evaluate out/ckpt.pt with another database
-Extras: `python extras/sample.py` samples with each chunk's neighbours shown, chosen or typed, and samples or
-evaluates with a served database (extras/server.py).
+A trained model, beside the pipeline: extras/sample.py samples from it, extras/evaluate.py evaluates it with any
+database (bits per byte by overlap); either can retrieve from a server (extras/server.py).
 
 Every option is a field of TrainConfig below (`python train.py -h` lists them with their defaults). The file reads
 as the run goes: configuration, data, the machine and the model, the loop; then evaluation, checkpoints, sampling.
@@ -29,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import build_db
@@ -76,14 +73,11 @@ class TrainConfig:
     eval_iters: int = 8             # validation batches per periodic evaluation (the last one uses all)
     log_interval: int = 10
     resume: bool = False            # continue from out_dir/ckpt.pt
-    eval_only: bool = False         # evaluate out_dir/ckpt.pt on the database's whole validation set, no training
     seed: int = 1337
     device: str = "auto"            # auto: cuda, then mps, then cpu
     dtype: str = "auto"             # auto: bf16 where the GPU or CPU computes it, fp16 on older GPUs, else fp32
     compile: str = "auto"           # auto: the neighbour encoder under bf16 on a CPU, 200+ steps; encoder; model; none
-    peak_tflops: float = 0.0        # for MFU; 0: an H100's bf16 dense peak on CUDA, none on CPU (bench/peak_flops.py)
-    # sampling
-    sample: str = None              # a prompt: generate from out_dir/ckpt.pt instead of training ("": a new document)
+    # the sample at the end of a run (and extras/sample.py's)
     max_new_tokens: int = 256
     temperature: float = 0.8
     top_k: int = 50
@@ -96,11 +90,8 @@ class TrainConfig:
         for name in ("n_neighbours", "max_iters", "max_new_tokens", "temperature", "top_k", "dropout", "learning_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} cannot be negative ({getattr(self, name)})")
-        try:
-            share = 0 if self.synthetic == "auto" else float(self.synthetic)
-        except ValueError:
-            share = -1
-        if not 0 <= share <= 1:
+        share = str(self.synthetic)
+        if share != "auto" and not (share.replace(".", "", 1).isdigit() and float(share) <= 1):
             raise ValueError(f"--synthetic {self.synthetic} is a share of chunks: auto, or from 0 to 1")
         if self.compile not in ("auto", "encoder", "model", "none"):
             raise ValueError(f"--compile {self.compile} is not one of auto, encoder, model, none")
@@ -125,8 +116,8 @@ class Data:
 
     def __init__(self, db: build_db.Database, cfg: TrainConfig):
         self.cfg, self.meta, self.M = cfg, db.meta, cfg.chunk_len
-        self.tokens, self.neighbours = db.tokens, dict(db.neighbours)      # a copy: extras/sample.py replaces one
-        auto = SYNTHETIC_AUTO if cfg.n_neighbours and db.overlap() < 0.5 else 0.0     # why: see SYNTHETIC_AUTO
+        self.tokens, self.neighbours = db.tokens, dict(db.neighbours)      # a copy: extras/evaluate.py replaces one
+        auto = SYNTHETIC_AUTO if cfg.n_neighbours and db.meta["overlap"] < 0.5 else 0.0     # why: see SYNTHETIC_AUTO
         self.synthetic = auto if cfg.synthetic == "auto" else float(cfg.synthetic)
         # bits per byte count the text's bytes: a byte-level BPE token is one character per byte, and the two
         # special tokens hold none (<|endoftext|> is not scored: see evaluate)
@@ -280,14 +271,6 @@ def setup(cfg: TrainConfig) -> SimpleNamespace:
     run.raw_model = raw = run.model                   # not wrapped by DDP or compile: what is saved and sampled
     # fp16 (GPUs without fast bf16) needs its loss scaled so that small gradients do not vanish; bf16 and fp32 not
     run.scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
-    run.peak = cfg.peak_tflops * 1e12 or (989e12 if device.startswith("cuda") else 0)   # an H100's bf16 dense peak
-    if run.peak:        # a step's FLOPs for MFU: one sequence's forward and backward as FlopCounterMode counts them
-        x, y, nb = (t[:1].to(device) if t is not None else None for t in run.data.batch("train", 0, 0, 0))
-        counter = FlopCounterMode(display=False)                # the matrix products (recompute_ffw's GELU not)
-        with counter:
-            raw(x, nb, y)[1].backward()
-        raw.zero_grad(set_to_none=True)
-        run.flops = counter.get_total_flops() * cfg.batch_size * cfg.grad_accum
     run.compiled, compile_why = compile_plan(cfg, device, dtype, cfg.max_iters - run.start)
     if run.compiled == "model":
         run.model = torch.compile(run.model)
@@ -303,12 +286,11 @@ def setup(cfg: TrainConfig) -> SimpleNamespace:
     trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     run.print0(f"RETRO: {raw.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M trained, K={cfg.n_neighbours}; "
                f"{world} process(es) on {device}, {dtype_why}{compile_why and ', '}{compile_why}; "
-               f"{run.tokens_per_step:,} tokens per step" + (f"; MFU against {run.peak / 1e12:.3g} TFLOP/s"
-                                                             if run.peak else ""))
+               f"{run.tokens_per_step:,} tokens per step")
     if cfg.n_neighbours:              # measured before training: what retrieval can do for this text
         copies = f"; so {run.data.synthetic:.0%} of training chunks read an edited copy of their continuation " \
                  f"(--synthetic {cfg.synthetic})" if run.data.synthetic else ""
-        run.print0(f"retrieval outlook: {build_db.outlook(db.overlap())}{copies}")
+        run.print0(f"retrieval outlook: {build_db.outlook(db.meta['overlap'])}{copies}")
     return run
 
 
@@ -322,7 +304,7 @@ def loop(cfg: TrainConfig, run: SimpleNamespace) -> dict:
     run.train_time = first = 0.0                    # seconds in training steps (not evaluation); in the first
     for it in range(start, cfg.max_iters):
         if it % cfg.eval_interval == 0 and it > start and run.master:
-            with eager():
+            with torch.compiler.set_stance("force_eager"):     # what was compiled, for training's shapes only
                 r = history["val"][it] = evaluate(run.raw_model, run.data, run.ctx, run.device, cfg.eval_iters)
             run.print0(f"step {it}: val loss {r['on'][0]:.4f} (bpb {r['on'][1]:.4f}), retrieval off {r['off'][0]:.4f}")
             log_eval(run.log_path, it, r, run.tokens_per_step)
@@ -353,8 +335,7 @@ def loop(cfg: TrainConfig, run: SimpleNamespace) -> dict:
             first = run.train_time                      # the first step compiles, if anything is compiled
         if log:
             dt = (run.train_time - first) / (it - start) if it > start else 0     # the steps after the first
-            mfu = f"MFU {run.flops / dt / run.peak:.1%}, " if run.peak and dt else ""
-            rate = (f"{run.tokens_per_step / dt:,.0f} tokens/s, {mfu}{dt * (cfg.max_iters - it - 1) / 60:.1f} min left"
+            rate = (f"{run.tokens_per_step / dt:,.0f} tokens/s, {dt * (cfg.max_iters - it - 1) / 60:.1f} min left"
                     if dt else f"{first:.1f} s (the first step{', compiling' if run.compiled != 'none' else ''})")
             run.print0(f"step {it + 1}/{cfg.max_iters}: loss {history['loss'][it + 1]:.4f}, lr {lr:.2e}, {rate}")
     return history
@@ -364,7 +345,7 @@ def finish(cfg: TrainConfig, run: SimpleNamespace, history: dict):
     """The end: a checkpoint, the whole validation set with the oracle check, the report, a sample."""
     if run.master:
         model, data, ctx, device = run.raw_model, run.data, run.ctx, run.device
-        with eager():
+        with torch.compiler.set_stance("force_eager"):         # evaluation and sampling: no gradients, other shapes
             save_checkpoint(run.ckpt_path, model, run.optimizer, cfg, cfg.max_iters, run.db.meta)
             r = history["val"][cfg.max_iters] = evaluate(model, data, ctx, device, desc="final eval")
             probe = retrieval_probe(model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
@@ -377,18 +358,11 @@ def finish(cfg: TrainConfig, run: SimpleNamespace, history: dict):
         torch.distributed.destroy_process_group()
 
 
-def eager():
-    """What torch.compile compiled, it compiled for training's shapes: evaluation and generation (no gradients,
-    other shapes) run it eagerly under this context rather than compile it again."""
-    return torch.compiler.set_stance("force_eager")
-
-
 # ---- the edited-copy recipe (--synthetic): a reason to read, where the database rarely holds one -----------
 
-# --synthetic auto's share of chunks (Data), where fewer than half the held-out chunks retrieve neighbours that hold
-# what follows them (Database.overlap: the KJV alone 13%, Austen 2%; a model trained there learns to ignore its
-# neighbours, and a database grown later is wasted); none where more do (the quick start's 81%: real neighbours
-# teach it to read)
+# --synthetic auto's share of chunks where fewer than half the held-out chunks retrieve what follows them (the
+# outlook: the KJV alone 13%, Austen 2%): a model trained there learns to ignore its neighbours, and a database
+# grown later is wasted. None where more do (the quick start's 81%): real neighbours teach it to read.
 SYNTHETIC_AUTO = 0.5
 
 
@@ -448,32 +422,6 @@ def evaluate(model, data, ctx, device, n_batches=None, desc="eval") -> dict:
     return r
 
 
-ALPHAS = (0, 0.125, 0.25, 0.5, 1)   # the overlaps at which bpb_by_overlap filters (paper, Figure 6)
-
-
-def chunk_overlap(db: build_db.Database, k: int = 10) -> np.ndarray:
-    """r(C) of each held-out chunk C (section 2.6): the longest run of C's tokens that one of its k nearest
-    chunks [N, F] also holds, over M. The paper takes 10 neighbours from the training data; these come from the
-    whole database (training and retrieval-only text: what retrieval reads)."""
-    M, pad, eot = db.meta["corpus"]["chunk_len"], db.meta["pad_id"], db.meta["eot_id"]
-    chunks = np.asarray(db.tokens["val"]).reshape(-1, M)
-    ids = build_db.read_index(db.path, db.meta).search(np.load(db.path / "val_emb.npy").astype(np.float32), k)[1]
-    nb = build_db.neighbour_tokens(db.chunks(), ids, M, pad, eot)                    # (chunks, k, 2M)
-    return build_db.longest_shared_run(np.where(chunks == pad, -2, chunks), nb, pad) / M
-
-
-def bpb_by_overlap(chunks: dict, overlap: np.ndarray, modes=("on", "off"), alphas=ALPHAS) -> list:
-    """bpb(alpha) of the paper's equation 5 for each mode of evaluate's chunks: bits per byte over the held-out
-    chunks whose overlap r(C) is at most alpha (alpha = 1: the whole set), and how many chunks that is."""
-    rows, held = [], chunks["bytes"] > 0
-    for a in alphas:
-        sel = held & (overlap <= a + 1e-9)
-        n_bytes = max(chunks["bytes"][sel].sum(), 1)
-        rows.append(dict(alpha=a, chunks=int(sel.sum()), share=sel.sum() / held.sum(),
-                         **{m: chunks[m][sel].sum() / math.log(2) / n_bytes for m in modes}))
-    return rows
-
-
 @torch.no_grad()
 def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu"):
     """The oracle check: does the model read its neighbours? Held-out loss (nats) over the positions that can
@@ -503,8 +451,8 @@ def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu"):
     return {mode: v / n for mode, v in total.items()}
 
 
-def report(r: dict, probe: dict, meta: dict, by_overlap: list = None):
-    """evaluate's numbers in words, the oracle check's verdict, and bpb_by_overlap's rows if given."""
+def report(r: dict, probe: dict, meta: dict):
+    """evaluate's numbers in words, and the oracle check's verdict."""
     (on, off), n = (r["on"][1], r["off"][1]), meta["n_val_documents"]
     tokens = int(r["chunks"]["tokens"].sum())
     print(f"held-out text: {n} document{'s' * (n > 1)} never trained on ({tokens:,} tokens scored, each once)")
@@ -517,12 +465,6 @@ def report(r: dict, probe: dict, meta: dict, by_overlap: list = None):
     verdict = ("the model reads its neighbours" if fall >= 0.1 else "it reads them a little" if fall >= 0.02
                else "it hardly reads its neighbours")
     print(f"  oracle check: given the true continuation as its neighbour, the loss falls by {fall:.0%}: {verdict}")
-    if by_overlap:
-        print("  by overlap r(C), the longest run a held-out chunk shares with its 10 nearest chunks over its length "
-              "(paper, section 2.6):\n    r(C) <=   chunks          ON       OFF   ON vs OFF")
-        for row in (row for row in by_overlap if row["chunks"]):      # no chunk at an alpha: no row
-            print(f"    {row['alpha']:<8g}{row['chunks']:6,} ({row['share']:4.0%})  {row['on']:.4f}  {row['off']:.4f}"
-                  f"   {row['on'] / row['off'] - 1:+.1%}")
 
 
 def log_eval(path: Path, step: int, r: dict, tokens_per_step: int, final: bool = False, **extra):
@@ -530,24 +472,6 @@ def log_eval(path: Path, step: int, r: dict, tokens_per_step: int, final: bool =
     with open(path, "a") as f:
         f.write(json.dumps(dict(step=step, tokens=step * tokens_per_step, final=final, loss_on=r["on"][0],
                                 bpb_on=r["on"][1], loss_off=r["off"][0], bpb_off=r["off"][1], **extra)) + "\n")
-
-
-def evaluate_checkpoint(cfg: TrainConfig, served=None) -> dict:
-    """--eval_only: the whole held-out set, the oracle check, and bits per byte by overlap. served(data, ckpt) ->
-    its address: extras/sample.py's puts a server's held-out neighbours in place of the stored ones."""
-    model, ckpt, cfg, db, device = trained_model(cfg)
-    data, ctx = Data(db, cfg), autocast(device, build_db.resolve_dtype(cfg.dtype, device)[0])
-    where = served(data, ckpt) if served else str(db.path)
-    r = evaluate(model, data, ctx, device, desc="eval")
-    r["probe"] = retrieval_probe(model, data, ctx=ctx, device=device) if cfg.n_neighbours else None
-    # the overlap of the held-out text with the model's own database (a server's is mostly the same one)
-    r["by_overlap"] = bpb_by_overlap(r["chunks"], chunk_overlap(db)) if cfg.n_neighbours else None
-    print(f"{Path(cfg.out_dir) / 'ckpt.pt'} (step {ckpt['iter']}) with {where}:")
-    report(r, r["probe"], db.meta, r["by_overlap"])
-    tc = ckpt["train_config"]
-    log_eval(Path(cfg.out_dir) / "eval.jsonl", ckpt["iter"], r, tc["batch_size"] * tc["grad_accum"] *
-             tc["block_size"], final=True, db=where, probe=r["probe"], by_overlap=r["by_overlap"])
-    return r
 
 
 # ---- the database and checkpoints ----------------------------------------------------------------------------
@@ -565,7 +489,7 @@ def prepare_db(cfg: TrainConfig, training: bool = True) -> build_db.Database:
     tokenizer size, retrieval-only texts). Training refuses one built for other shapes."""
     if "://" in cfg.db:
         raise DBError(f"--db {cfg.db}: train.py reads a database folder; a served one: python extras/sample.py "
-                      "--db URL")
+                      "(or evaluate.py) --db URL")
     want = db_config(cfg)
     db = build_db.db_dir(want)
     if (db / "meta.json").exists():
@@ -586,12 +510,6 @@ def prepare_db(cfg: TrainConfig, training: bool = True) -> build_db.Database:
     return build_db.open_db(db)
 
 
-def trained_with(cfg: TrainConfig, tc: dict) -> TrainConfig:
-    """cfg with the database of a checkpoint's train_config tc, as it is now (it may have grown since)."""
-    texts = tc.get("retrieval_texts", "")
-    return replace(cfg, data=tc["data"], db=tc["db"], retrieval_texts="" if texts == "none" else texts)
-
-
 def load_checkpoint(path: Path, meta: dict = None, db=None, ckpt: dict = None) -> dict:
     """path's checkpoint (ckpt if it was read already), checked against the database `meta` when given: a model
     can use any database with its tokenizer and chunk length, whatever its text, grown or not."""
@@ -609,7 +527,8 @@ def load_checkpoint(path: Path, meta: dict = None, db=None, ckpt: dict = None) -
     mc, tc = ckpt["model_config"], ckpt["train_config"]
     if (ckpt["tokenizer_sha256"], mc["chunk_len"], mc["vocab_size"]) != (
             meta["tokenizer_sha256"], meta["corpus"]["chunk_len"], meta["vocab_size"]):
-        own = build_db.db_dir(db_config(trained_with(TrainConfig(), tc)))      # the database it was trained with
+        own = build_db.db_dir(db_config(replace(TrainConfig(), data=tc["data"], db=tc["db"],   # the one it was
+                                                retrieval_texts=tc["retrieval_texts"])))      # trained with
         raise DBError(f"{path} was trained with tokenizer {ckpt['tokenizer_sha256'][:8]} and chunk_len "
                       f"{mc['chunk_len']}; {db} has tokenizer {meta['tokenizer_sha256'][:8]} and chunk_len "
                       f"{meta['corpus']['chunk_len']}: pass a database with the model's tokenizer and chunk length "
@@ -630,36 +549,7 @@ def save_checkpoint(path: Path, raw_model, optimizer, cfg, it, meta):
         torch.save(ckpt, tmp)
 
 
-def trained_model(cfg: TrainConfig, server=None) -> tuple:
-    """--sample and --eval_only: (out_dir's model, its checkpoint, cfg with its shapes, the database, the device).
-    The database, which must fit the model: server (a served one: extras/sample.py) if given, else cfg's, which
-    without --data or --db is the one the model was trained with, as it is now."""
-    if "RANK" in os.environ:
-        raise DBError("--sample and --eval_only run in one process: python train.py ..., not torchrun")
-    ckpt = load_checkpoint(path := Path(cfg.out_dir) / "ckpt.pt")
-    tc, device = ckpt["train_config"], build_db.resolve_device(cfg.device)
-    cfg = replace(cfg, **{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours", "batch_size")})
-    cfg = trained_with(cfg, tc) if not cfg.db and cfg.data == TrainConfig.data else cfg
-    db = server or prepare_db(cfg, training=False)
-    load_checkpoint(path, db.meta, server.url if server else db.path, ckpt)
-    model = RETRO(RetroConfig(**ckpt["model_config"])).to(device).eval()
-    model.load_state_dict(ckpt["model"])
-    return model, ckpt, cfg, db, device
-
-
 # ---- sampling -----------------------------------------------------------------------------------------------
-
-def retrieval(retriever, K: int, reads: list = None):
-    """RETRO.generate's retrieve: a completed chunk (1, M) -> its K nearest chunks in the database (1, K, 2M).
-    reads, if given, gets (chunk, their chunk numbers, their tokens) for each chunk."""
-    def retrieve(chunk):
-        found = retriever.query(chunk.cpu(), k=K)
-        nb = torch.as_tensor(np.asarray(found["neighbours"], dtype=np.int64))
-        if reads is not None:
-            reads.append((chunk[0].cpu(), found["ids"][0], nb[0]))
-        return nb.to(chunk.device)
-    return retrieve
-
 
 def generate(model, tok, prompt: str, cfg: TrainConfig, device: str, retrieve=None) -> str:
     """max_new_tokens sampled after prompt ("": a new document); retrieve: RETRO.generate's (None: no retrieval)."""
@@ -669,49 +559,35 @@ def generate(model, tok, prompt: str, cfg: TrainConfig, device: str, retrieve=No
     return tok.decode(out[0].tolist(), skip_special_tokens=False)
 
 
-def sample(cfg: TrainConfig, server=None, wrap=None) -> str:
-    """--sample: generate from out_dir/ckpt.pt, retrieving from the database it was trained with (or --db), or
-    from server (a served one). wrap(retrieve, tokenizer, cfg) -> the retrieve to use: extras/sample.py's shows
-    each chunk's neighbours or lets you choose them."""
-    model, _, cfg, db, device = trained_model(cfg, server)
-    retrieve = retrieval(server or Retriever(db.path, device), cfg.n_neighbours) if cfg.n_neighbours else None
-    return generate(model, db.tokenizer, cfg.sample, cfg, device, wrap(retrieve, db.tokenizer, cfg) if wrap else
-                    retrieve)
-
-
 def sample_held_out(model, db: build_db.Database, cfg: TrainConfig, device: str):
     """The end of a run: a sample that starts with a held-out document's first words, and the database chunk
     each completed chunk retrieved (its nearest neighbour, abridged), which the tokens after it read."""
-    tok, M, reads = db.tokenizer, cfg.chunk_len, []
-    retrieve = retrieval(Retriever(db.path, device), cfg.n_neighbours, reads) if cfg.n_neighbours else None
-    text = generate(model, tok, tok.decode(db.tokens["val"][:M // 2].tolist()), cfg, device, retrieve)
-    print(f"sample from a held-out document's first words{', with retrieval' if retrieve else ''}:\n{text}")
+    tok, M, retriever, reads = db.tokenizer, cfg.chunk_len, Retriever(db.path, device), []
+
+    def retrieve(chunk):                    # RETRO.generate's: a completed chunk (1, M) -> (1, K, 2M)
+        reads.append((chunk[0].cpu(), retriever.query(chunk.cpu(), k=cfg.n_neighbours)))
+        return torch.as_tensor(reads[-1][1]["neighbours"], dtype=torch.long, device=chunk.device)
+    prompt = tok.decode(db.tokens["val"][:M // 2].tolist())
+    text = generate(model, tok, prompt, cfg, device, retrieve if cfg.n_neighbours else None)
+    print(f"sample from a held-out document's first words{', with retrieval' if reads else ''}:\n{text}")
 
     def abridge(ids) -> str:                                    # one line of at most 60 characters
         text = " ".join(tok.decode([i for i in ids.tolist() if i != db.meta["pad_id"]]).split())
         return text if len(text) <= 60 else text[:57] + "..."
     if reads:
         print(f"what each chunk of {M} tokens retrieved (its nearest neighbour), read by the tokens after it:")
-    for u, (chunk, ids, nb) in enumerate(reads):
-        source = Path(build_db.source_of(db.meta, int(ids[0]))[0] or "nothing").name
-        print(f"  chunk {u} {abridge(chunk)!r}\n      read {source}: {abridge(nb[0, :M])!r}"
-              f"\n        continued: {abridge(nb[0, M:])!r}")
-
-
-def fail(msg, prog: str = "train.py"):
-    sys.exit(f"{prog}: error: {msg}" if os.environ.get("RANK", "0") == "0" else 1)   # torchrun: rank 0 says it
+    for u, (chunk, found) in enumerate(reads):
+        nb, source = found["neighbours"][0, 0], build_db.source_of(db.meta, int(found["ids"][0, 0]))[0]
+        print(f"  chunk {u} {abridge(chunk)!r}\n      read {Path(source or 'nothing').name}: {abridge(nb[:M])!r}"
+              f"\n        continued: {abridge(nb[M:])!r}")
 
 
 def main(argv=None):
-    cfg = cli(TrainConfig, "train.py", "Train RETRO on a text file; sample from (--sample) or evaluate "
-                                       "(--eval_only) it.", argv)
+    cfg = cli(TrainConfig, "train.py", "Train RETRO on a text file, evaluate it and sample from it.", argv)
     try:
-        if cfg.sample is not None:
-            print(text := sample(cfg))
-            return text
-        return evaluate_checkpoint(cfg) if cfg.eval_only else train(cfg)
-    except DBError as e:
-        fail(e)
+        return train(cfg)
+    except DBError as e:                # torchrun: process 0 says it, the others exit 1
+        sys.exit(f"train.py: error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import argparse
 import functools
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -74,7 +75,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     ckpt = load_checkpoint(Path(args.out_dir) / "ckpt.pt")
     tc = ckpt["train_config"]
-    db = Path(args.db or build_db.db_dir(train.db_config(train.trained_with(TrainConfig(), tc))))
+    trained = replace(TrainConfig(), data=tc["data"], db=tc["db"], retrieval_texts=tc["retrieval_texts"])
+    db = Path(args.db or build_db.db_dir(train.db_config(trained)))
     meta = build_db.load_meta(db)
     load_checkpoint(Path(args.out_dir) / "ckpt.pt", meta, db, ckpt)
     cfg = TrainConfig(**{k: tc[k] for k in ("block_size", "chunk_len", "n_neighbours", "batch_size")})

@@ -99,16 +99,27 @@ def recall_against(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a, b)]))
 
 
+def exact_knn(queries: np.ndarray, emb: np.ndarray, k: int) -> np.ndarray:
+    """Exact k nearest rows of emb, streamed in blocks (it may be a memmap larger than memory), as the build's
+    tune_nprobe finds them."""
+    heap = build_db.faiss.ResultHeap(len(queries), k)
+    for i in range(0, len(emb), 65536):
+        d, ids = build_db.faiss.knn(queries, np.asarray(emb[i:i + 65536], dtype=np.float32), k)
+        heap.add_result(d, np.where(ids >= 0, ids + i, -1))
+    heap.finalize()
+    return heap.I
+
+
 def ceiling(texts: list, batch_size: int):
     e = build_db.Embedder(build_db.DEFAULT_BERT, "mean", "cpu")
     lengths = np.array([len(ids) for ids in e.tokenizer(texts)["input_ids"]])
     texts = [texts[i] for i in np.argsort(lengths, kind="stable")]            # as build_db.py batches them
     batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
-    e(batches[0])
+    e(batches[0], batch_size)
     with torch.profiler.profile() as prof:
         t = time.perf_counter()
         for b in batches:
-            e(b)
+            e(b, batch_size)
         seconds = time.perf_counter() - t
     ops = prof.key_averages()
     total = sum(o.self_cpu_time_total for o in ops)
@@ -191,7 +202,7 @@ path whose quantization costs nothing: 1 / (1 - f + f / s), f the linear layers'
                     first[n] = time.perf_counter() - t
                 emb[n] = np.load(Path(d) / f"{n}.npy").astype(np.float32)
     n_chunks = len(stream) // M
-    knn = {n: build_db.exact_knn(e, e, args.k + 1)[:, 1:] for n, e in emb.items()}   # without the chunk itself
+    knn = {n: exact_knn(e, e, args.k + 1)[:, 1:] for n, e in emb.items()}   # without the chunk itself
     base = n_chunks / statistics.median(times["fp32"]) if "fp32" in times else None
     print(f"| {n_chunks:,} chunks of {M} tokens, batches of {args.batch_size}, CPU, 2 threads | chunks/s | vs fp32 "
           f"| first round s | cosine to fp32 (median / min) | recall@{args.k} vs fp32 |")
@@ -226,7 +237,7 @@ def calibrate(db: str, intrinsic: int, rng):
         meta = build_db.load_meta(db)
     except build_db.DBError as e:
         sys.exit(f"db_speed.py index: {e} (--db: a database folder, e.g. data/text)")
-    real = build_db.load_streams(db, meta, "emb")[np.arange(meta["n_chunks"])].astype(np.float32)
+    real = build_db.Database(Path(db), meta).chunks("emb")[np.arange(meta["n_chunks"])].astype(np.float32)
     for name, e in (("real", real), ("synthetic", synthetic(len(real), real.shape[1], intrinsic, rng))):
         queries = e[np.sort(rng.choice(len(e), 1000, replace=False))]
         why = build_db.build_index(e, 1000, queries, 19)[1]
@@ -323,7 +334,7 @@ neighbours are each other, and nprobe 1 finds 98.6% of them.
 
     # recall of the stored neighbours against exact search with the same rule, on 1,000 searched chunks
     sample = np.sort(rng.choice(searched, min(1000, searched), replace=False))
-    exact = build_db.exact_knn(np.asarray(emb[sample], dtype=np.float32), emb, m)
+    exact = exact_knn(np.asarray(emb[sample], dtype=np.float32), emb, m)
     truth = build_db.exclude_own_sequences(exact, args.k, n_seq, args.n, None, sample)
     recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(ids[sample], truth)])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20

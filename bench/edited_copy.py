@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import build_db  # noqa: E402
 import train  # noqa: E402
+from extras import evaluate as evaluate_tool  # noqa: E402
 
 
 def edit(doc: str, words: list, rng, change: float, drop: float, width: int) -> str:
@@ -55,7 +57,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     ckpt = train.load_checkpoint(Path(args.out_dir) / "ckpt.pt")
     tc, work = ckpt["train_config"], Path(args.work)
-    model_db = build_db.db_dir(train.db_config(train.trained_with(train.TrainConfig(), tc)))
+    trained = replace(train.TrainConfig(), data=tc["data"], db=tc["db"], retrieval_texts=tc["retrieval_texts"])
+    model_db = build_db.db_dir(train.db_config(trained))
     docs = build_db.read_documents(args.text)
     held_out = build_db.split_documents(docs, build_db.DBConfig.val_every)[1]
     rng = np.random.default_rng(args.seed)
@@ -73,7 +76,7 @@ def main(argv=None):
     build_db.build(build_db.DBConfig(**settings, out=str(with_copy), retrieval_texts=str(copy)))
     rows = {}
     for name, db in (("without the copy", without), ("with the edited copy", with_copy)):
-        r = train.main(["--eval_only", "--out_dir", args.out_dir, "--db", str(db)])
+        r = evaluate_tool.main(["--out_dir", args.out_dir, "--db", str(db)])
         rows[name] = dict(bpb_on=r["on"][1], bpb_off=r["off"][1], overlap=build_db.load_meta(db)["overlap"],
                           oracle_fall=1 - r["probe"]["oracle"] / r["probe"]["none"])
     print(f"{args.out_dir} on {len(held_out)} held-out documents of {args.text} (edit: change {args.change}, drop "

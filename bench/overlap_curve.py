@@ -3,7 +3,7 @@ The paper's Figure 6 at this scale: held-out bits per byte on the chunks whose o
 most alpha, for alpha from 0 to 1, with retrieval (RETRO[ON]), the same weights without it (RETRO[OFF]) and a
 baseline trained without retrieval. The overlap r(C) of a held-out chunk is the paper's (section 2.6): the
 longest run of its tokens that one of its 10 nearest database chunks [N, F] holds, over its length
-(train.chunk_overlap). Each model is evaluated as train.py --eval_only does (every held-out token once).
+(extras/evaluate.py's chunk_overlap). Each model is evaluated as extras/evaluate.py does (every held-out token once).
 
     python train.py && python train.py --n_neighbours 0 --out_dir out/baseline          # the quick start's pair
     python bench/overlap_curve.py --model "KJV+WEB" out out/baseline data/text+web --png bench/overlap_curve.png
@@ -22,13 +22,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import build_db  # noqa: E402
 import train  # noqa: E402
+from extras import evaluate as evaluate_tool  # noqa: E402
 
-ALPHAS = np.round(np.linspace(0, 1, 33), 4)     # the curve; train.ALPHAS are the table's
+ALPHAS = np.round(np.linspace(0, 1, 33), 4)     # the curve; extras/evaluate.py's ALPHAS are the table's
 
 
 def evaluate(out_dir: str, db: str, device: str, dtype: str) -> tuple:
     """(evaluate's result, the database) for out_dir's checkpoint with db ("-": the one it was trained with)."""
-    model, _, cfg, database, device = train.trained_model(
+    model, _, cfg, database, device = evaluate_tool.trained_model(
         train.TrainConfig(out_dir=out_dir, db="" if db == "-" else db, device=device))
     ctx = build_db.autocast(device, build_db.resolve_dtype(dtype, device)[0])
     return train.evaluate(model, train.Data(database, cfg), ctx, device, desc=out_dir), database
@@ -47,12 +48,12 @@ def main(argv=None):
         r, database = evaluate(out_dir, db, args.device, args.dtype)
         base, _ = evaluate(baseline, str(database.path), args.device, args.dtype)
         chunks = {**r["chunks"], "baseline": base["chunks"]["on"]}
-        overlap = train.chunk_overlap(database)
-        rows = train.bpb_by_overlap(chunks, overlap, ("on", "off", "baseline"), ALPHAS)
+        overlap = evaluate_tool.chunk_overlap(database)
+        rows = evaluate_tool.bpb_by_overlap(chunks, overlap, ("on", "off", "baseline"), ALPHAS)
         results.append(dict(label=label, out_dir=out_dir, baseline=baseline, db=str(database.path), rows=rows))
         print(f"{label}: {out_dir} against {baseline}, database {database.path}")
         print("  r(C) <=   chunks          ON       OFF  baseline   ON vs OFF   ON vs baseline")
-        for row in (r for r in train.bpb_by_overlap(chunks, overlap, ("on", "off", "baseline")) if r["chunks"]):
+        for row in (r for r in evaluate_tool.bpb_by_overlap(chunks, overlap, ("on", "off", "baseline")) if r["chunks"]):
             print(f"  {row['alpha']:<8g}{row['chunks']:6,} ({row['share']:4.0%})  {row['on']:.4f}  {row['off']:.4f}"
                   f"    {row['baseline']:.4f}      {row['on'] / row['off'] - 1:+.1%}          "
                   f"{row['on'] / row['baseline'] - 1:+.1%}")

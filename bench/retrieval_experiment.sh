@@ -38,7 +38,7 @@ grow kjv_web_control kjv_web "$CONTROL"     # the control's embeddings come from
 for m in retro retro_web; do
     for db in text kjv_control kjv_web kjv_web_control; do
         grep -qs "\"db\": \"data/$db\"" "$O/$m/eval.jsonl" ||
-            python train.py --eval_only --dtype float32 --out_dir "$O/$m" --db "data/$db"
+            python extras/evaluate.py --dtype float32 --out_dir "$O/$m" --db "data/$db"
     done
 done
 # ---- the baseline that trains on the WEB as well: the KJV's 60 training books and all 66 WEB books as training

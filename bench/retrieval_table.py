@@ -5,7 +5,7 @@ The tables and the figure of bench/RESULTS.md's "Does retrieval help?", from wha
     python bench/retrieval_table.py out/exp --png bench/retrieval_experiment.png   # and the figure (matplotlib)
 
 Every number is read from the models' log.jsonl (the final evaluation of training) and eval.jsonl (train.py
---eval_only with each database): held-out bits per byte with retrieval (RETRO[ON]) and without (RETRO[OFF]),
+extras/evaluate.py with each database): held-out bits per byte with retrieval (RETRO[ON]) and without (RETRO[OFF]),
 and the oracle check (held-out loss in nats where neighbours are visible: none, stored, shuffled, oracle);
 and, from eval.jsonl's by_overlap, held-out bpb on the chunks whose overlap with the database is at most alpha.
 The figure: held-out bpb of each trained RETRO model against the database it reads, no retraining, with the two
@@ -62,7 +62,7 @@ def tables(d: Path):
     evals = [(m, db, r) for m, db, r in evals if r and r.get("by_overlap")]
     if evals:
         print("\nHeld-out bpb RETRO[ON] / RETRO[OFF] on the chunks whose overlap r(C) with the database is at most "
-              "alpha (share of held-out chunks in brackets; train.bpb_by_overlap):\n")
+              "alpha (share of held-out chunks in brackets; extras/evaluate.py's bpb_by_overlap):\n")
         alphas = [row["alpha"] for row in evals[0][2]["by_overlap"]]
         print("| model | database | " + " | ".join(f"r(C) <= {a:g}" for a in alphas) + " |")
         print("|---|---|" + "---:|" * len(alphas))

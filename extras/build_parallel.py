@@ -45,11 +45,13 @@ def embed_share(task: dict):
     tok, B, desc = Tokenizer.from_str(task["tokenizer"]), task["batch_size"], task["desc"] if RANK == 0 else None
     e, emb = embedder(*task["embedder"]), np.lib.format.open_memmap(task["emb"], mode="r+")
     chunks = np.load(task["stream"], mmap_mode="r").reshape(-1, task["M"])
-    order = build_db.by_length(tok, chunks)
+    lengths = np.fromiter((len(t) for i in range(0, len(chunks), 65536) for t in tok.decode_batch(
+        chunks[i:i + 65536].tolist(), skip_special_tokens=True)), np.int64, len(chunks))
+    order = np.argsort(lengths, kind="stable")          # the order of build_db.embed_chunks, batch for batch
     with build_db.progress(len(chunks), desc) as bar:
         for i in range(RANK * B, len(chunks), WORLD * B):
             rows = order[i:i + B]
-            emb[rows] = e(tok.decode_batch(chunks[rows].tolist(), skip_special_tokens=True))
+            emb[rows] = e(tok.decode_batch(chunks[rows].tolist(), skip_special_tokens=True), B)
             bar.update(len(rows) * WORLD)
     emb.flush()
 

@@ -1,13 +1,14 @@
 """
-Sample from a trained model with its neighbours in view or in your hands, and use a served database.
+Sample from a trained model, retrieving each time a chunk completes, with its neighbours in view or in your hands.
 
+    python extras/sample.py --sample "Mat5:3 Blessed are"                    # generate from out/ckpt.pt
     python extras/sample.py --sample "Mat5:3 Blessed are" --show_neighbours   # print what each chunk retrieved
     python extras/sample.py --sample "And God said" --choose_neighbours      # keep each chunk's, or type others
     python extras/sample.py --sample "And God said" --neighbours_file nb.json  # the same, from a file
     python extras/sample.py --sample "And God said" --db http://127.0.0.1:8000   # retrieve from a server
-    python extras/sample.py --eval_only --db http://127.0.0.1:8000           # evaluate with a server's retrieval
 
-Every flag of train.py applies (`python extras/sample.py -h`): --out_dir names the model, --db the database.
+Every flag of train.py applies (`python extras/sample.py -h`): --out_dir names the model, --db the database
+(without --db: the one the model was trained with, as it is now); --max_new_tokens, --temperature, --top_k.
 A neighbours file is a JSON list with an entry per chunk of the sequence (prompt and output, in order): null
 retrieves as usual, a string is every neighbour's text, a list of K strings one text per neighbour. A typed or
 given text is tokenized and cut or padded to 2M tokens: the neighbour chunk N, then its continuation F.
@@ -16,21 +17,21 @@ given text is tokenized and cut or padded to 2M tokens: the neighbour chunk N, t
 import json
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from build_db import PAD, DBError, cli, is_unicode  # noqa: E402
+from build_db import PAD, DBError, Retriever, cli, is_unicode  # noqa: E402
+from extras.evaluate import trained_model  # noqa: E402
 from extras.server import RemoteRetriever, is_server  # noqa: E402
 
 
 @dataclass
 class SampleConfig(train.TrainConfig):
+    sample: str = ""                # the prompt ("": a new document)
     show_neighbours: bool = False   # print what was retrieved for each chunk
     choose_neighbours: bool = False # show each chunk's neighbours, then keep them or type others
     neighbours_file: str = ""       # a JSON list of each chunk's neighbour texts (see above)
@@ -53,8 +54,8 @@ class Neighbours:
     """RETRO.generate's retrieve, with you in the loop: each completed chunk's K neighbours come from the
     neighbours file, or from the retriever; --show_neighbours prints them, --choose_neighbours asks."""
 
-    def __init__(self, retrieve, tok, cfg: SampleConfig):
-        self.retrieve, self.tok, self.cfg, self.M, self.K = retrieve, tok, cfg, cfg.chunk_len, cfg.n_neighbours
+    def __init__(self, retriever, tok, cfg: SampleConfig):
+        self.retriever, self.tok, self.cfg, self.M, self.K = retriever, tok, cfg, cfg.chunk_len, cfg.n_neighbours
         self.pad, self.u = tok.token_to_id(PAD), -1         # u: the chunk that just completed, in order
         self.chosen = read_neighbours_file(cfg.neighbours_file, self.K) if cfg.neighbours_file else []
 
@@ -69,7 +70,7 @@ class Neighbours:
         if self.u < len(self.chosen) and self.chosen[self.u] is not None:
             nb = self.tokens(self.chosen[self.u])
         else:
-            nb = self.retrieve(chunk).cpu()
+            nb = torch.as_tensor(self.retriever.query(chunk.cpu(), k=self.K)["neighbours"], dtype=torch.long)
         if self.cfg.show_neighbours or self.cfg.choose_neighbours:
             print(f"--- chunk {self.u}: {self.text(chunk[0])!r}")
             for j in range(self.K):
@@ -89,51 +90,28 @@ class Neighbours:
 
 
 def sample(cfg: SampleConfig) -> str:
-    """train.py's sample, with the neighbours shown, chosen or from a file, and a server's retrieval."""
-    made = []                                   # the Neighbours that wrap makes, read after the sample
-
-    def wrap(retrieve, tok, cfg):               # cfg with the model's chunk length and K
-        if retrieve is None and (cfg.neighbours_file or cfg.choose_neighbours):
-            raise DBError("this model was trained without retrieval (n_neighbours 0): it reads no neighbours")
-        made.extend([Neighbours(retrieve, tok, cfg)] if retrieve else [])
-        return made[0] if made else None
-    text = train.sample(replace(cfg, sample=cfg.sample or ""), RemoteRetriever(cfg.db) if is_server(cfg.db) else None,
-                        wrap)
-    if made and len(made[0].chosen) > made[0].u + 1:
-        n, u = len(made[0].chosen), made[0].u + 1
+    """max_new_tokens generated after the prompt, retrieving from the database (or server) as each chunk completes."""
+    server = RemoteRetriever(cfg.db) if is_server(cfg.db) else None
+    model, _, cfg, db, device = trained_model(cfg, server)
+    if not cfg.n_neighbours and (cfg.neighbours_file or cfg.choose_neighbours):
+        raise DBError("this model was trained without retrieval (n_neighbours 0): it reads no neighbours")
+    neighbours = Neighbours(server or Retriever(db.path, device), db.tokenizer, cfg) if cfg.n_neighbours else None
+    text = train.generate(model, db.tokenizer, cfg.sample, cfg, device, neighbours)
+    if neighbours and len(neighbours.chosen) > neighbours.u + 1:
+        n, u = len(neighbours.chosen), neighbours.u + 1
         print(f"note: --neighbours_file has {n} entries; the sample completed {u} chunks, so the last {n - u} were "
               "not used", file=sys.stderr)
     print(("--- sample:\n" if cfg.show_neighbours or cfg.choose_neighbours else "") + text)
     return text
 
 
-def retrieve_val(data: train.Data, retriever, batch: int = 256):
-    """Validation neighbours found now by retriever (a server's), in place of the stored ones."""
-    chunks = np.asarray(data.tokens["val"]).reshape(-1, data.M)
-    data.neighbours["val"] = np.concatenate([retriever.query(chunks[i:i + batch])["neighbours"] for i in tqdm(
-        range(0, len(chunks), batch), desc="retrieve val", leave=False, disable=None)])
-
-
-def evaluate(cfg: SampleConfig) -> dict:
-    """--eval_only with a server: the held-out text of the model's own database, its neighbours from the server."""
-    server = RemoteRetriever(cfg.db)
-
-    def served(data, ckpt):                 # the server's database must fit the model, as the held-out text's does
-        train.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", server.meta, server.url, ckpt)
-        retrieve_val(data, server)
-        return server.url
-    return train.evaluate_checkpoint(replace(cfg, db="", data=train.TrainConfig.data), served)
-
-
 def main(argv=None):
-    cfg = cli(SampleConfig, "sample.py", "Sample from a trained model with its neighbours shown or chosen, or "
-                                         "sample and evaluate with a served database.", argv)
+    cfg = cli(SampleConfig, "sample.py", "Sample from a trained RETRO model, with its neighbours shown or chosen.",
+              argv)
     try:
-        if cfg.eval_only:
-            return evaluate(cfg) if is_server(cfg.db) else train.evaluate_checkpoint(cfg)
         return sample(cfg)
     except DBError as e:
-        train.fail(e, "sample.py")
+        sys.exit(f"sample.py: error: {e}")
 
 
 if __name__ == "__main__":

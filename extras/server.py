@@ -49,17 +49,17 @@ class Batcher:
                 with self.waiting_lock:
                     batch, self.waiting = self.waiting, []
                 try:
-                    distances, ids = self.retriever.search([t for q in batch for t in q["texts"]],
-                                                           max(q["k"] for q in batch))
+                    found = self.retriever.query(texts=[t for q in batch for t in q["texts"]],
+                                                 k=max(q["k"] for q in batch))
                     start = np.cumsum([0] + [len(q["texts"]) for q in batch])
                     for q, a, b in zip(batch, start, start[1:]):
-                        q.update(ids=ids[a:b, :q["k"]], distances=distances[a:b, :q["k"]])
+                        q.update({name: v[a:b, :q["k"]] for name, v in found.items()})
                 except Exception as e:                          # each waiting thread raises it too
                     for q in batch:
                         q["error"] = e
         if "error" in mine:
             raise mine["error"]
-        return dict(ids=mine["ids"], distances=mine["distances"], neighbours=self.retriever.tokens(mine["ids"]))
+        return {name: mine[name] for name in ("ids", "distances", "neighbours")}
 
     def check(self, chunks, texts, k) -> dict:
         """query's arguments -> {"texts", "k"}, or a ValueError that says what is wrong with them."""

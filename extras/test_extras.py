@@ -1,14 +1,15 @@
 """The extras' specification: the retrieval server (extras/server.py), sampling with the neighbours shown, chosen or
-typed (extras/sample.py), a look inside a database (extras/show.py) and a build in two processes
-(extras/build_parallel.py). `pytest` runs it with test_retro.py, whose tiny databases, trained tiny model and
-helpers it imports: each is built once for both files. The slow tests, runs under torchrun, say so in their
-docstrings.
+typed (extras/sample.py), evaluation with any database (extras/evaluate.py), a look inside a database
+(extras/show.py) and a build in two processes (extras/build_parallel.py). `pytest` runs it with test_retro.py,
+whose tiny databases, trained tiny model and helpers it imports: each is built once for both files. The slow tests,
+runs under torchrun, say so in their docstrings.
 """
 
 import ast
 import contextlib
 import http.client
 import json
+import math
 import re
 import socket
 import sys
@@ -26,17 +27,22 @@ from tokenizers import Tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the repository root, as the extras do
 import build_db  # noqa: E402
 import train  # noqa: E402
+from extras import evaluate as evaluate_tool  # noqa: E402
 from extras import sample as sample_tool  # noqa: E402
 from extras import server as retrieval_server  # noqa: E402
 from extras import show as show_tool  # noqa: E402
 from retro import RETRO, RetroConfig  # noqa: E402
-from test_retro import DB_M, DB_SEQ, TORCHRUNS, load, train_error  # noqa: E402
+from test_retro import DB_M, DB_SEQ, TORCHRUNS, load, report_numbers, train_error, twin_share  # noqa: E402
 from test_retro import baseline, grown_db, m8_db, multi_db, other_db, torchruns, trained  # noqa: E402,F401 (fixtures)
 
 
 def sample_error(capsys, *argv):
     """extras/sample.py's one line of error, as train_error gets train.py's."""
     return train_error(capsys, *argv, main=sample_tool.main, prog="sample.py")
+
+
+def evaluate_error(capsys, *argv):
+    return train_error(capsys, *argv, main=evaluate_tool.main, prog="evaluate.py")
 
 
 # ---- the retrieval server ----
@@ -96,18 +102,17 @@ def test_remote_retrieval_equals_local_neighbours_and_greedy_samples(trained, gr
 
 
 def test_evaluation_through_a_server_retrieves_the_validation_neighbours_remotely(trained, grown_db, served, capsys):
-    """--eval_only --db http://...: the model's own held-out text, its neighbours found by the server; the same
+    """evaluate.py --db http://...: the model's own held-out text, its neighbours found by the server; the same
     numbers as a local evaluation whose validation neighbours are retrieved the same way."""
     url, local = served
     out, _ = trained
-    remote = sample_tool.main(["--eval_only", "--out_dir", str(out), "--db", url, "--device", "cpu", "--dtype",
-                               "float32"])
+    remote = evaluate_tool.main(["--out_dir", str(out), "--db", url, "--device", "cpu", "--dtype", "float32"])
     assert url in capsys.readouterr().out
     assert json.loads((out / "eval.jsonl").read_text().splitlines()[-1])["db"] == url
     cfg = train.TrainConfig(block_size=DB_SEQ, chunk_len=DB_M)
     data = train.Data(build_db.open_db(grown_db.out), cfg)
     stored = np.asarray(data.neighbours["val"])
-    sample_tool.retrieve_val(data, local)
+    evaluate_tool.retrieve_val(data, local)
     assert (np.asarray(data.neighbours["val"]) == stored).all(-1).all(-1).mean() > 0.9   # fp16 embeddings: ~all equal
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     model = RETRO(RetroConfig(**ckpt["model_config"])).eval()
@@ -273,12 +278,13 @@ def test_a_server_whose_database_does_not_fit_the_model_is_refused_in_one_line(t
         msg = sample_error(capsys, "--sample", "x", "--out_dir", str(out), "--db", url)
         assert f"chunk_len {DB_M}; {url} has tokenizer {h} and chunk_len 8" in msg
     with serving(other_db.out) as url:
-        for mode in (["--sample", "x"], ["--eval_only"]):
-            assert "was trained with tokenizer" in sample_error(capsys, *mode, "--out_dir", str(out), "--db", url)
+        assert "was trained with tokenizer" in sample_error(capsys, "--sample", "x", "--out_dir", str(out), "--db", url)
+        assert "was trained with tokenizer" in evaluate_error(capsys, "--out_dir", str(out), "--db", url)
     assert "cannot reach a retrieval server" in sample_error(capsys, "--sample", "x", "--out_dir", str(out),
                                                              "--db", url)
-    for mode in ([], ["--sample", "x"], ["--eval_only"]):               # train.py reads database folders only
-        assert "extras/sample.py --db URL" in train_error(capsys, "--db", url, "--out_dir", str(out), *mode)
+    for mode in ([], ["--resume"]):                                     # train.py reads database folders only
+        assert "extras/sample.py (or evaluate.py) --db URL" in train_error(capsys, "--db", url, "--out_dir", str(out),
+                                                                         *mode)
 
 
 def test_a_busy_port_is_one_clear_error(multi_db):
@@ -464,3 +470,97 @@ def test_a_process_that_fails_leaves_no_database_and_is_named(torchruns):
     assert r.returncode != 0
     assert "build_parallel.py: error: process 1 of 2 failed embedding" in r.stderr and "simulated failure" in r.stderr
     assert not (folder / "db" / "meta.json").exists() and not list((folder / "db").glob("*_emb.npy"))
+
+
+# ---- a trained model: sampling (extras/sample.py) and evaluation with any database (extras/evaluate.py) ----
+
+def test_sampling_and_evaluation_without_data_or_db_use_the_database_the_model_was_trained_with(trained, tmp_path,
+                                                                                                 monkeypatch):
+    out, _ = trained
+    monkeypatch.chdir(tmp_path)                         # no text.txt here: the default text's database cannot be built
+    assert sample_tool.main(["--sample", "Ruth1:1", "--out_dir", str(out), "--device", "cpu"]).startswith("Ruth1:1")
+    assert set(evaluate_tool.main(["--out_dir", str(out), "--device", "cpu"])) == {"on", "off", "probe", "chunks",
+                                                                                   "by_overlap"}
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_empty_prompt_samples_a_new_document(trained, multi_db):
+    out, _ = trained
+    text = sample_tool.main(["--sample", "", "--out_dir", str(out), "--db", multi_db.out, "--device", "cpu"])
+    assert text.startswith("<|endoftext|>") and len(text) > len("<|endoftext|>")
+
+
+def test_evaluation_repeats_the_evaluation_at_the_end_of_training(trained, multi_db):
+    out, _ = trained                                    # trained with --batch_size 4 (the default is 8) in fp32
+    r = evaluate_tool.main(["--out_dir", str(out), "--db", multi_db.out, "--device", "cpu", "--dtype", "float32"])
+    final = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert final["final"] and final["step"] == 40 and r["on"][0] == pytest.approx(final["loss_on"], rel=1e-6)
+    assert r["probe"] == pytest.approx(final["probe"], rel=1e-6)      # the oracle check on the same batches
+
+
+def test_evaluation_with_a_grown_database_retrieves_from_the_added_text(trained, multi_db, grown_db, capsys):
+    """The model trained on multi_db, evaluated with multi_db grown by web.txt (which holds a twin of the
+    held-out Obadiah): the neighbours change, so RETRO[ON] does; RETRO[OFF] reads no neighbours and does not."""
+    out, history = trained
+    assert twin_share(grown_db) > 0.8
+    base = history["val"][40]                           # the final evaluation, on all of multi_db's validation set
+    grown = evaluate_tool.main(["--out_dir", str(out), "--db", grown_db.out, "--device", "cpu", "--dtype", "float32"])
+    assert all(math.isfinite(v) for mode in ("on", "off") for v in grown[mode]) and grown["on"] != base["on"]
+    assert set(grown["probe"]) == {"none", "stored", "shuffled", "oracle"}
+    assert grown["off"] == pytest.approx(base["off"], rel=1e-5)
+    said = report_numbers(capsys.readouterr().out)     # the summary's numbers are the evaluation's
+    assert said == (round(grown["on"][1], 4), round(grown["off"][1], 4),
+                    round(100 * (1 - grown["probe"]["oracle"] / grown["probe"]["none"])))
+    logged = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
+    assert logged["db"] == grown_db.out and logged["bpb_on"] == grown["on"][1]
+    text = sample_tool.main(["--sample", "Obad1:1 The vision", "--out_dir", str(out), "--db", grown_db.out,
+                             "--device", "cpu", "--max_new_tokens", "24"])
+    assert text.startswith("Obad1:1 The vision")
+
+
+# name: (flags after --out_dir, {out} the trained run, {tmp} an empty folder, {old} a checkpoint without the tokenizer
+# hash, {m8}/{multi}/{other} databases: the same tokenizer with chunks of 8, the model's own, another text's), words
+# the one line must hold (a server of a database that does not fit says the same: above)
+REFUSED = {
+    "no checkpoint": ("{tmp}", ["--db", "{multi}"], ("no checkpoint",)),
+    "a file that is no checkpoint of train.py": ("{old}", ["--db", "{multi}"], ("is not a checkpoint of train.py",)),
+    "another chunk length": ("{out}", ["--db", "{m8}"], ("trained with tokenizer {h} and chunk_len {M}; {m8} has "
+                                                         "tokenizer {h} and chunk_len 8", "--tokenizer {multi}")),
+    "another tokenizer": ("{out}", ["--db", "{other}"], ("was trained with tokenizer",)),
+}
+
+
+@pytest.mark.parametrize("tool", ["sample", "evaluate"])
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_checkpoint_or_a_database_that_does_not_fit_is_refused_in_one_line(case, tool, trained, multi_db, m8_db,
+                                                                             other_db, tmp_path, capsys):
+    out, _ = trained
+    old = torch.load(out / "ckpt.pt", weights_only=True)
+    del old["tokenizer_sha256"]
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "ckpt.pt")
+    names = dict(out=str(out), tmp=str(tmp_path / "none"), old=str(tmp_path / "old"), m8=m8_db.out, M=DB_M,
+                 multi=multi_db.out, other=other_db.out, h=build_db.load_meta(multi_db.out)["tokenizer_sha256"][:8])
+    assert build_db.load_meta(m8_db.out)["tokenizer_sha256"][:8] == names["h"]
+    out_dir, flags, words = REFUSED[case]
+    argv = ["--out_dir", out_dir.format(**names), *(f.format(**names) for f in flags), "--device", "cpu"]
+    msg = (sample_error(capsys, "--sample", "x", *argv) if tool == "sample" else evaluate_error(capsys, *argv))
+    assert all(w.format(**names) in msg for w in words), msg
+
+
+def test_bits_per_byte_by_overlap_at_alpha_1_is_the_whole_set_and_filters_by_overlap_at_most_alpha(trained, multi_db):
+    out, history = trained
+    r = history["val"][40]
+    overlap = evaluate_tool.chunk_overlap(build_db.open_db(multi_db.out))
+    assert overlap.shape == r["chunks"]["tokens"].shape and ((0 <= overlap) & (overlap <= 1)).all()
+    rows = evaluate_tool.bpb_by_overlap(r["chunks"], overlap)
+    assert [row["alpha"] for row in rows] == list(evaluate_tool.ALPHAS)
+    assert rows[-1]["on"] == pytest.approx(r["on"][1]) and rows[-1]["off"] == pytest.approx(r["off"][1])
+    assert rows[-1]["share"] == 1 and all(a["chunks"] <= b["chunks"] for a, b in zip(rows, rows[1:]))
+    held = r["chunks"]["bytes"] > 0
+    for row in rows:
+        sel = held & (overlap <= row["alpha"])
+        assert row["chunks"] == sel.sum()
+        if sel.any():
+            bits = r["chunks"]["on"][sel].sum() / math.log(2)
+            assert row["on"] == pytest.approx(bits / r["chunks"]["bytes"][sel].sum())
