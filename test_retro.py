@@ -1350,14 +1350,18 @@ def test_training_takes_the_dtype_that_auto_picks_and_says_which(native, other_d
     assert (torch.bfloat16 in products) == native
 
 
-def test_compile_auto_compiles_the_encoder_only_where_bf16_runs_on_a_cpu_and_the_run_repays_it(monkeypatch):
+def test_compile_auto_compiles_the_encoder_only_where_bf16_runs_on_amx_and_the_run_repays_it(monkeypatch):
     def plan(device="cpu", dtype=torch.bfloat16, steps=300, **flags):
         return train.compile_plan(train.TrainConfig(**flags), device, dtype, steps)
     monkeypatch.setattr(train.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(build_db, "cpu_computes_bf16", lambda: "AMX")
     assert plan() == ("encoder", "the neighbour encoder compiled in the first step (--compile auto)")
     for no in (dict(dtype=torch.float32), dict(device="cuda"), dict(steps=199), dict(n_neighbours=0),
                dict(compile="none")):
         assert plan(**no) == ("none", ""), no                 # fp32: fusion gave nothing; short runs: never repaid
+    monkeypatch.setattr(build_db, "cpu_computes_bf16", lambda: "AVX-512 BF16")     # Zen 4: eager is as fast
+    assert plan() == ("none", "")
+    monkeypatch.setattr(build_db, "cpu_computes_bf16", lambda: "AMX")
     assert plan(compile="model", dtype=torch.float32) == ("model", "--compile model")
     monkeypatch.setattr(train.shutil, "which", lambda name: None)          # no C++ compiler
     assert plan() == ("none", "the encoder not compiled: no C++ compiler (g++; set CXX)")

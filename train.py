@@ -217,14 +217,15 @@ def build_model(cfg: TrainConfig, db: build_db.Database, device: str) -> tuple:
 
 def compile_plan(cfg: TrainConfig, device: str, dtype: torch.dtype, steps: int) -> tuple:
     """--compile -> (what torch.compile compiles: "encoder", "model" or "none", why). auto compiles the neighbour
-    encoder under bf16 on a CPU. It reads 4x the decoder's tokens, and its norms, GELU and casts are memory-bound
-    work that bf16 does not speed up and fusion does: a bf16 step 1.2x faster, an fp32 one not at all
-    (bench/RESULTS.md). The first step pays for the compilation (~30 s on 2 cores, cached for later runs), so
-    auto compiles for runs of 200 steps or more. On a CPU, compiled code is built with a C++ compiler."""
+    encoder under bf16 on a CPU with AMX. It reads 4x the decoder's tokens, and its norms, GELU and casts are
+    memory-bound work that AMX's bf16 does not speed up and fusion does: a step 1.2x faster there; in fp32, or with
+    AVX-512 BF16 (Zen 4), no faster (bench/RESULTS.md). The first step compiles (30-60 s on 2 cores with a C++
+    compiler, cached for later runs), so auto compiles for runs of 200 steps or more."""
     cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")     # what inductor calls
     cpu = device.startswith("cpu")
     if cfg.compile == "auto":
-        if not (cpu and dtype == torch.bfloat16 and cfg.n_neighbours and steps >= 200):
+        if not (cpu and dtype == torch.bfloat16 and cfg.n_neighbours and steps >= 200
+                and build_db.cpu_computes_bf16() == "AMX"):
             return "none", ""
         if not shutil.which(cxx):
             return "none", f"the encoder not compiled: no C++ compiler ({cxx}; set CXX)"
