@@ -563,13 +563,13 @@ def generate(model, tok, prompt: str, cfg: TrainConfig, device: str, retrieve=No
 def sample_held_out(model, db: build_db.Database, cfg: TrainConfig, device: str):
     """The end of a run: a sample that starts with a held-out document's first words, and the database chunk
     each completed chunk retrieved (its nearest neighbour, abridged), which the tokens after it read."""
-    tok, M, retriever, reads = db.tokenizer, cfg.chunk_len, Retriever(db.path, device), []
+    tok, M, reads = db.tokenizer, cfg.chunk_len, []
+    retriever = Retriever(db.path, device) if cfg.n_neighbours else None     # a baseline loads no embedder, no index
 
     def retrieve(chunk):                    # RETRO.generate's: a completed chunk (1, M) -> (1, K, 2M)
         reads.append((chunk[0].cpu(), retriever.query(chunk.cpu(), k=cfg.n_neighbours)))
         return torch.as_tensor(reads[-1][1]["neighbours"], dtype=torch.long, device=chunk.device)
-    prompt = tok.decode(db.tokens["val"][:M // 2].tolist())
-    text = generate(model, tok, prompt, cfg, device, retrieve if cfg.n_neighbours else None)
+    text = generate(model, tok, tok.decode(db.tokens["val"][:M // 2].tolist()), cfg, device, retriever and retrieve)
     print(f"sample from a held-out document's first words{', with retrieval' if reads else ''}:\n{text}")
 
     def abridge(ids) -> str:                                    # one line of at most 60 characters
