@@ -185,8 +185,8 @@ def neighbour_tokens(stream: np.ndarray, ids: np.ndarray, M: int, pad: int, eot:
 
 # ---- step 3: frozen BERT chunk embeddings ------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
-def load_bert(name: str, device: str) -> tuple:
-    """A frozen BERT and its tokenizer, from local files only, loaded once per process and device."""
+def load_bert(name: str, device: str, dtype: torch.dtype) -> tuple:
+    """A frozen BERT and its tokenizer (local files only), once per process, device and format; bf16: bf16 weights."""
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -202,7 +202,7 @@ def load_bert(name: str, device: str) -> tuple:
     except Exception as e:
         raise DBError(f"cannot load the embedder {name!r} ({type(e).__name__}): pass --bert with a BERT model "
                       "folder, or the name of one in your local Hugging Face cache") from None
-    return tokenizer, model.to(device).requires_grad_(False)
+    return tokenizer, model.to(device, dtype if dtype == torch.bfloat16 else None).requires_grad_(False)
 
 
 class Embedder:
@@ -211,7 +211,7 @@ class Embedder:
     def __init__(self, name: str, pooling: str, device: str, dtype: str = "auto"):
         self.name, self.pooling, self.device = name, pooling, resolve_device(device)   # a bad --device fails first
         self.dtype, self.dtype_why = resolve_dtype(dtype, self.device)
-        self.tokenizer, self.model = load_bert(name, self.device)
+        self.tokenizer, self.model = load_bert(name, self.device, self.dtype)
         self.dim, self.max_len = self.model.config.hidden_size, min(self.tokenizer.model_max_length, 512)
 
     @torch.inference_mode()

@@ -1429,7 +1429,9 @@ def test_a_model_trained_in_bf16_evaluates_in_fp32_and_a_bf16_database_answers_f
         same = np.sort(load(cfg, f"{split}_neighbour_ids"), 1) == np.sort(load(fp32, f"{split}_neighbour_ids"), 1)
         assert same.mean() > 0.9, split
     retriever = build_db.Retriever(cfg.out, "cpu")                            # queries are embedded in fp32
-    assert retriever.embedder.dtype == torch.float32
+    assert retriever.embedder.dtype == torch.float32 and retriever.embedder.model.dtype == torch.float32
+    bf16 = build_db.Embedder(build_db.DEFAULT_BERT, "mean", "cpu", "bfloat16")   # bf16: the weights, cast once
+    assert bf16.model.dtype == torch.bfloat16 and retriever.embedder.model.dtype == torch.float32   # each its own
     chunks = load(cfg, "train_tokens").reshape(-1, DB_M)[::5]
     itself = np.arange(0, len(load(cfg, "train_tokens")) // DB_M, 5)
     assert (retriever.query(chunks)["ids"][:, 0] == itself).mean() > 0.9
