@@ -106,18 +106,18 @@ class RMSNorm(nn.Module):
 
 
 def rotary(pos: torch.Tensor, head_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """(T, D/2) angles pos * theta_j for positions pos (T,); theta_j = base^(-2j / D)."""
+    """(T, D/2) complex rotations exp(i * pos * theta_j) for positions pos (T,); theta_j = base^(-2j / D)."""
     theta = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    return pos.float()[:, None] * theta                                       # (T, D/2)
+    angle = pos.float()[:, None] * theta                                       # (T, D/2)
+    return torch.polar(torch.ones_like(angle), angle)
 
 
-def apply_rotary(x, angle):
-    """Turn each pair of dims (a, b) of x (..., T, D), read as the complex number a + ib, by its position's angle:
-    a dot product of two rotated vectors then depends on the difference of their positions only. In real numbers
-    (cos, sin): MPS has complex numbers only in part, and torch.compile leaves complex operators to eager."""
-    a, b = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)).unbind(-1)  # (..., T, D/2)
-    cos, sin = angle.cos(), angle.sin()
-    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)   # (..., T, D)
+def apply_rotary(x, rot):
+    """Read each pair of dims of x (..., T, D) as a complex number and turn it by its position's angle:
+    a dot product of two rotated vectors then depends on the difference of their positions only."""
+    xc = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xc = torch.view_as_complex(xc.reshape(*x.shape[:-1], -1, 2))            # (..., T, D/2) complex
+    return torch.view_as_real(xc * rot.to(xc.dtype)).flatten(-2).type_as(x)  # (..., T, D)
 
 
 def attend(q, k, v, mask=None, is_causal=False, dropout=0.0):

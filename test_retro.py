@@ -181,32 +181,6 @@ def test_rotary_scores_depend_on_relative_positions_only():
     assert not torch.allclose(score(7, 3), score(3, 7))
 
 
-def test_rotary_turns_each_pair_of_dims_as_a_complex_product_would():
-    """(a, b) -> (a + ib) * exp(i * pos * theta), in real numbers: the classic complex form gives the same numbers."""
-    g = torch.Generator().manual_seed(0)
-    x, angle = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64), rotary(torch.arange(5) * 37, 8)
-    turned = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous()) * torch.polar(torch.ones_like(angle), angle)
-    assert torch.allclose(apply_rotary(x, angle), torch.view_as_real(turned).flatten(-2), atol=1e-12, rtol=0)
-
-
-def test_no_operation_makes_a_complex_tensor_so_every_layer_runs_on_mps_and_compiles(setup):
-    """MPS has complex numbers only in part and inductor leaves them to eager: training and sampling use none."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Dtypes(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            seen.update(t.dtype for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
-            return out
-    model, K = setup
-    idx, nb = data(model, K)
-    seen = set()
-    with Dtypes():
-        model.train()(idx, nb, targets=idx)[1].backward()
-        model.eval().generate(idx, 3, retrieve=lambda chunk: nb[:, 0])
-    assert torch.float64 in seen and not any(d.is_complex for d in seen), seen
-
-
 # ---- causality: no position sees the future, through self-attention or through retrieval ----
 
 def test_token_causality_at_every_position(setup):
