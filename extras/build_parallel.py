@@ -45,8 +45,8 @@ def embed_share(task: dict):
     tok, B, desc = Tokenizer.from_str(task["tokenizer"]), task["batch_size"], task["desc"] if RANK == 0 else None
     e, emb = embedder(*task["embedder"]), np.lib.format.open_memmap(task["emb"], mode="r+")
     chunks = np.load(task["stream"], mmap_mode="r").reshape(-1, task["M"])
-    lengths = np.fromiter((len(t) for i in range(0, len(chunks), 65536) for t in tok.decode_batch(
-        chunks[i:i + 65536].tolist(), skip_special_tokens=True)), np.int64, len(chunks))
+    lengths = np.fromiter((len(t) for i in range(0, len(chunks), 65536) for t in e.tokenizer(tok.decode_batch(
+        chunks[i:i + 65536].tolist(), skip_special_tokens=True))["input_ids"]), np.int64, len(chunks))
     order = np.argsort(lengths, kind="stable")          # the order of build_db.embed_chunks, batch for batch
     with build_db.progress(len(chunks), desc) as bar:
         for i in range(RANK * B, len(chunks), WORLD * B):
