@@ -424,15 +424,15 @@ def evaluate(model, data, ctx, device, n_batches=None, desc="eval") -> dict:
 
 
 @torch.no_grad()
-def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu"):
-    """The oracle check: does the model read its neighbours? Held-out loss (nats) over the positions that can
-    see neighbours, with none, the stored ones, shuffled ones (other chunks' neighbours) and the oracle
-    [C_u, C_{u+1}] as every neighbour, which holds the answer: a model that copies drops far below none."""
+def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu", modes="none oracle"):
+    """The oracle check: does the model read its neighbours? Held-out loss (nats) over the positions that can see
+    neighbours, with modes of none, the stored ones, shuffled ones (other chunks' neighbours) and the oracle [C_u,
+    C_{u+1}] as every neighbour, which holds the answer: a model that copies drops far below none."""
     model.eval()
     M, T, K = data.M, data.cfg.block_size, max(data.cfg.n_neighbours, 1)
     stream, pad = data.tokens["val"], data.meta["pad_id"]
     g = torch.Generator().manual_seed(0)
-    total, n = dict(none=0.0, stored=0.0, shuffled=0.0, oracle=0.0), 0
+    total, n = dict.fromkeys(modes.split(), 0.0), 0
     for starts in data.eval_batches(n_batches):
         x, y, nb = data.sequences("val", starts)
         ahead = np.stack([np.pad(stream[s * M:s * M + T + M], (0, max(0, s * M + T + M - len(stream))),
@@ -442,7 +442,7 @@ def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu"):
         shuffled = nb.flatten(0, 1)[torch.randperm(nb.size(0) * nb.size(1), generator=g)].view_as(nb)
         y[y == data.meta["eot_id"]] = -1
         x, y = x.to(device), y[:, M - 1:].to(device)
-        for mode, neighbours in (("none", None), ("stored", nb), ("shuffled", shuffled), ("oracle", oracle)):
+        for mode, neighbours in ((m, dict(none=None, stored=nb, shuffled=shuffled, oracle=oracle)[m]) for m in total):
             with ctx:
                 logits = model(x, None if neighbours is None else neighbours.to(device))[0][:, M - 1:]
             total[mode] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
