@@ -424,7 +424,7 @@ def evaluate(model, data, ctx, device, n_batches=None, desc="eval") -> dict:
 
 
 @torch.no_grad()
-def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu", modes="none oracle"):
+def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu", modes=("none", "oracle")):
     """The oracle check: does the model read its neighbours? Held-out loss (nats) over the positions that can see
     neighbours, with modes of none, the stored ones, shuffled ones (other chunks' neighbours) and the oracle [C_u,
     C_{u+1}] as every neighbour, which holds the answer: a model that copies drops far below none."""
@@ -432,7 +432,7 @@ def retrieval_probe(model, data, n_batches=16, ctx=nullcontext(), device="cpu", 
     M, T, K = data.M, data.cfg.block_size, max(data.cfg.n_neighbours, 1)
     stream, pad = data.tokens["val"], data.meta["pad_id"]
     g = torch.Generator().manual_seed(0)
-    total, n = dict.fromkeys(modes.split(), 0.0), 0
+    total, n = dict.fromkeys(modes, 0.0), 0
     for starts in data.eval_batches(n_batches):
         x, y, nb = data.sequences("val", starts)
         ahead = np.stack([np.pad(stream[s * M:s * M + T + M], (0, max(0, s * M + T + M - len(stream))),

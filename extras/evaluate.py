@@ -90,7 +90,7 @@ def evaluate(cfg: train.TrainConfig) -> dict:
     where = server.url if server else str(db.path)
     r = train.evaluate(model, data, ctx, device, desc="eval")
     r["probe"] = train.retrieval_probe(model, data, ctx=ctx, device=device,
-                                        modes="none stored shuffled oracle") if cfg.n_neighbours else None
+                                        modes=("none", "stored", "shuffled", "oracle")) if cfg.n_neighbours else None
     r["by_overlap"] = bpb_by_overlap(r["chunks"], chunk_overlap(db)) if cfg.n_neighbours else None
     print(f"{Path(cfg.out_dir) / 'ckpt.pt'} (step {ckpt['iter']}) with {where}:")
     train.report(r, r["probe"], db.meta)
