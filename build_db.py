@@ -338,7 +338,7 @@ def search(index, emb: np.ndarray, k: int, desc: str, keep=None) -> np.ndarray:
 def longest_shared_run(chunks: np.ndarray, neighbours: np.ndarray, pad: int) -> np.ndarray:
     """(n, M) chunks, (n, K, R) neighbours -> (n,) the longest run of tokens of each chunk that is also a run of
     one of its neighbours (the paper's overlap, section 2.6). Padding, and negative ids in chunks, match nothing."""
-    nb = np.where(neighbours == pad, -1, neighbours).astype(np.int64)
+    nb = np.where(neighbours == pad, -1, neighbours.astype(np.int64))         # int64 first: ids may be uint16
     run = np.zeros(nb.shape, dtype=np.int32)                                # the run ending at (chunk token, j)
     best = np.zeros(len(chunks), dtype=np.int32)
     for i in range(chunks.shape[1]):

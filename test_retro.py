@@ -1306,6 +1306,15 @@ def test_overlap_counts_the_held_out_chunks_whose_neighbours_hold_8_tokens_of_wh
     assert build_db.outlook(0.13).endswith("add related text to the database with --retrieval_texts or --add")
 
 
+def test_padding_in_uint16_neighbours_matches_no_token_not_even_the_largest_id():
+    """Token ids are stored as uint16 for vocabularies up to 65,536: padding's stand-in must not wrap to a real id."""
+    chunks = np.full((1, 4), 65535, np.int64)                                 # the largest uint16 id, four times
+    neighbours = np.zeros((1, 2, 8), np.uint16)                               # all padding (pad 0)
+    assert build_db.longest_shared_run(chunks, neighbours, pad=0).tolist() == [0]
+    neighbours[0, 1, 3:6] = 65535                                             # a real run of three
+    assert build_db.longest_shared_run(chunks, neighbours, pad=0).tolist() == [3]
+
+
 def test_the_build_measures_the_overlap_and_a_related_text_raises_it(multi_db, web_db, capsys):
     alone, with_twin = build_db.load_meta(multi_db.out)["overlap"], build_db.load_meta(web_db[0].out)["overlap"]
     assert 0 <= alone < with_twin <= 1, (alone, with_twin)
@@ -1579,7 +1588,7 @@ def test_chunk_overlap_is_the_longest_run_a_chunk_shares_with_its_neighbours_ove
     nb[0, 0, 0:2] = [5, 6]                              # and one of 2 elsewhere: the longest counts
     nb[1, 0, 3:11] = chunks[1]                          # the whole chunk
     nb[2, 0, :8] = [1, 2, 3, 0, 0, 0, 0, 0]             # padding matches nothing
-    runs = build_db.longest_shared_run(np.where(chunks == pad, -2, chunks), nb, pad) / M
+    runs = build_db.longest_shared_run(np.where(chunks == pad, -2, chunks.astype(np.int64)), nb, pad) / M
     assert runs.tolist() == [3 / 8, 1.0, 3 / 8]
 
 
