@@ -90,8 +90,7 @@ class TrainConfig:
         for name in ("n_neighbours", "max_iters", "max_new_tokens", "temperature", "top_k", "dropout", "learning_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} cannot be negative ({getattr(self, name)})")
-        share = str(self.synthetic)
-        if share != "auto" and not (share.replace(".", "", 1).isdigit() and float(share) <= 1):
+        if (share := str(self.synthetic)) != "auto" and not (share.replace(".", "", 1).isdigit() and float(share) <= 1):
             raise ValueError(f"--synthetic {self.synthetic} is a share of chunks: auto, or from 0 to 1")
         if self.compile not in ("auto", "encoder", "model", "none"):
             raise ValueError(f"--compile {self.compile} is not one of auto, encoder, model, none")
@@ -171,10 +170,12 @@ def machine(cfg: TrainConfig) -> tuple:
     ddp, rank, world = "RANK" in os.environ, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = build_db.resolve_device(cfg.device)
     if ddp:
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if device.startswith("cuda") else device
+        if device.startswith("cuda"):                 # a GPU per process: NCCL cannot share one between two
+            if (n := int(os.environ["LOCAL_WORLD_SIZE"])) > torch.cuda.device_count():
+                raise DBError(f"torchrun started {n} processes on a machine with {torch.cuda.device_count()} GPU(s): "
+                              "pass --nproc_per_node with at most one per GPU, or --device cpu")
+            torch.cuda.set_device(device := f"cuda:{os.environ['LOCAL_RANK']}")
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return (ddp, rank, world, device, *build_db.resolve_dtype(cfg.dtype, device))
 
@@ -479,9 +480,8 @@ def log_eval(path: Path, step: int, r: dict, tokens_per_step: int, final: bool =
 
 def db_config(cfg: TrainConfig) -> DBConfig:
     """The database that training with cfg reads, and builds if it is missing."""
-    return DBConfig(text=cfg.data, out=cfg.db, chunk_len=cfg.chunk_len, k=max(cfg.n_neighbours, 2),
-                    seq_len=cfg.block_size, vocab_size=cfg.vocab_size, retrieval_texts=cfg.retrieval_texts,
-                    dtype=cfg.dtype)
+    return DBConfig(text=cfg.data, out=cfg.db, chunk_len=cfg.chunk_len, k=max(cfg.n_neighbours, 2), dtype=cfg.dtype,
+                    seq_len=cfg.block_size, vocab_size=cfg.vocab_size, retrieval_texts=cfg.retrieval_texts)
 
 
 def prepare_db(cfg: TrainConfig, training: bool = True) -> build_db.Database:
