@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 
@@ -30,8 +31,8 @@ local_find_neighbours, local_search = build_db.find_neighbours, build_db.search 
 
 @functools.lru_cache(maxsize=1)
 def embedder(name, pooling, device, dtype):
-    if build_db.resolve_device(device).startswith("cuda"):      # one GPU per process
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    if build_db.resolve_device(device).startswith("cuda"):      # a GPU per process, shared if there are fewer
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     return build_db.Embedder(name, pooling, device, dtype)
 
 
