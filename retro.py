@@ -227,7 +227,7 @@ class NeighbourEncoder(nn.Module):
         (B, L, K, R), (M, C) = neighbours.shape, h.shape[2:]
         mask = neighbours != self.cfg.pad_id                                    # (B, L, K, R)
         emb = self.emb_in(wte(neighbours)) if self.wte is None else self.wte(neighbours) * self.emb_scale
-        x = self.drop(emb).view(B * L * K, R, -1)                               # (B*L*K, R, C_enc)
+        x = self.drop(emb).to(h.dtype).view(B * L * K, R, -1)     # (B*L*K, R, C_enc); fp32 residuals under autocast
         h = self.ln_h(h).view(B * L, M, C)                                      # (B*L, M, C)
         pos = torch.arange(R, device=x.device)
         for layer in self.layers:

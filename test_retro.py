@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 import build_db
 import train
 from build_db import SEPARATOR, DBConfig, build
-from retro import RETRO, Cache, ChunkedCrossEntropy, RetroConfig, RMSNormLean, apply_rotary, rotary
+from retro import RETRO, Cache, ChunkedCrossEntropy, RetroConfig, RMSNorm, RMSNormLean, apply_rotary, rotary
 
 V = 37  # vocabulary of the tiny models
 
@@ -624,6 +624,24 @@ def test_retro_py_imports_only_torch_and_the_standard_library():
         elif isinstance(node, ast.ImportFrom):
             modules.add(node.module.split(".")[0])
     assert modules <= {"torch"} | set(sys.stdlib_module_names), modules
+
+
+def test_under_autocast_every_norm_reads_an_fp32_residual_also_in_an_encoder_narrower_than_the_decoder():
+    """Mixed precision multiplies in bf16 and keeps the residual streams in fp32. Where the encoder is narrower (the
+    paper's models from 425M), a bf16 product maps the decoder's embedding to its width: that must not make the
+    encoder's whole residual stream bf16."""
+    torch.manual_seed(0)
+    model, seen = RETRO(RetroConfig(vocab_size=V, block_size=64, chunk_len=8, n_layer=2, n_head=2, n_embd=16,
+                                    cca_layers=(1,), enc_n_layer=2, enc_n_head=2, enc_n_embd=12)), {}
+    for name, module in model.named_modules():
+        if isinstance(module, RMSNorm):
+            module.register_forward_pre_hook(lambda module, args, name=name: seen.update({name: args[0].dtype}))
+    idx, nb = data(model, 2)
+    for training in (True, False):
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.train(training)(idx, nb)
+        assert any(name.startswith("encoder.") for name in seen) and set(seen.values()) == {torch.float32}, seen
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
