@@ -1130,6 +1130,19 @@ def test_training_batches_are_chunk_aligned_with_their_neighbours(multi_db):
     assert (data.n_starts("train") - 1) * DB_M + DB_SEQ + 1 <= len(stream)   # the last start still has targets
 
 
+def test_a_sample_cut_inside_a_character_ends_before_that_character(multi_db):
+    """max_new_tokens can stop inside a character of several bytes (a curly quote of the WEB, a letter of another
+    script): the sample ends before it, not with a replacement character."""
+    tok = Tokenizer.from_file(str(Path(multi_db.out) / "tokenizer.json"))
+    ids = tok.encode("Amen. \u65e5\u672c").ids                      # two CJK characters, three bytes each
+    assert tok.decode(ids[:-1]) == "Amen. \u65e5\ufffd"            # the last character cut: a replacement one
+
+    class CutShort:                                                   # a model whose sample stops a token short
+        def generate(self, idx, *args):
+            return torch.tensor([ids[:-1]])
+    assert train.generate(CutShort(), tok, "Amen.", train.TrainConfig(), "cpu") == "Amen. \u65e5"
+
+
 def run_train(db_cfg, out, *extra):
     return train.main(["--data", db_cfg.text, "--db", db_cfg.out, "--out_dir", str(out), *TINY_MODEL, *extra])
 

@@ -557,7 +557,7 @@ def generate(model, tok, prompt: str, cfg: TrainConfig, device: str, retrieve=No
     idx = torch.tensor([tok.encode(prompt).ids or [tok.token_to_id(SEPARATOR)]], device=device)
     torch.manual_seed(cfg.seed)
     out = model.generate(idx, cfg.max_new_tokens, retrieve, cfg.temperature, cfg.top_k or None)
-    return tok.decode(out[0].tolist(), skip_special_tokens=False)
+    return tok.decode(out[0].tolist(), skip_special_tokens=False).rstrip("\ufffd")     # no last character cut short
 
 
 def sample_held_out(model, db: build_db.Database, cfg: TrainConfig, device: str):
