@@ -337,7 +337,8 @@ def search(index, emb: np.ndarray, k: int, desc: str, keep=None) -> np.ndarray:
 # ---- step 6: what retrieval can do, measured before training -----------------------------------------------
 def longest_shared_run(chunks: np.ndarray, neighbours: np.ndarray, pad: int) -> np.ndarray:
     """(n, M) chunks, (n, K, R) neighbours -> (n,) the longest run of tokens of each chunk that is also a run of
-    one of its neighbours (the paper's overlap, section 2.6). Padding, and negative ids in chunks, match nothing."""
+    one of its neighbours (the paper's overlap, section 2.6). Padding matches nothing, in chunks or neighbours: the
+    neighbours' padding becomes -1, which no token id equals."""
     nb = np.where(neighbours == pad, -1, neighbours.astype(np.int64))         # int64 first: ids may be uint16
     run = np.zeros(nb.shape, dtype=np.int32)                                # the run ending at (chunk token, j)
     best = np.zeros(len(chunks), dtype=np.int32)
@@ -355,8 +356,7 @@ def overlap(tokens: np.ndarray, neighbours: np.ndarray, M: int, pad: int, most: 
     chunks = np.asarray(tokens).reshape(-1, M)
     u = np.unique(np.linspace(0, len(chunks) - 2, min(most, len(chunks) - 1)).astype(int))
     u = u[(chunks[u + 1] != pad).sum(1) >= OVERLAP_RUN]         # a chunk of mostly padding cannot hold such a run
-    nxt = chunks[u + 1].astype(np.int64)
-    runs = longest_shared_run(np.where(nxt == pad, -2, nxt), neighbours[u], pad)
+    runs = longest_shared_run(chunks[u + 1], neighbours[u], pad)
     return float((runs >= OVERLAP_RUN).mean()) if len(u) else 0.0
 
 

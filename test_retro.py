@@ -1636,7 +1636,7 @@ def test_chunk_overlap_is_the_longest_run_a_chunk_shares_with_its_neighbours_ove
     nb[0, 0, 0:2] = [5, 6]                              # and one of 2 elsewhere: the longest counts
     nb[1, 0, 3:11] = chunks[1]                          # the whole chunk
     nb[2, 0, :8] = [1, 2, 3, 0, 0, 0, 0, 0]             # padding matches nothing
-    runs = build_db.longest_shared_run(np.where(chunks == pad, -2, chunks.astype(np.int64)), nb, pad) / M
+    runs = build_db.longest_shared_run(chunks, nb, pad) / M
     assert runs.tolist() == [3 / 8, 1.0, 3 / 8]
 
 

@@ -56,7 +56,7 @@ def chunk_overlap(db: build_db.Database, k: int = 10) -> np.ndarray:
     chunks = np.asarray(db.tokens["val"]).reshape(-1, M)
     ids = build_db.read_index(db.path, db.meta).search(np.load(db.path / "val_emb.npy").astype(np.float32), k)[1]
     nb = build_db.neighbour_tokens(db.chunks(), ids, M, pad, eot)                    # (chunks, k, 2M)
-    return build_db.longest_shared_run(np.where(chunks == pad, -2, chunks.astype(np.int64)), nb, pad) / M
+    return build_db.longest_shared_run(chunks, nb, pad) / M
 
 
 def bpb_by_overlap(chunks: dict, overlap: np.ndarray, modes=("on", "off"), alphas=ALPHAS) -> list:
