@@ -600,6 +600,7 @@ def step_arguments(p):
     p.add_argument("--dtypes", default="float32,bfloat16", help="the formats, alternating step by step")
     p.add_argument("--flush_denormal", action="store_true", help="torch.set_flush_denormal(True) first")
     p.add_argument("--ops", type=int, default=0, help="then profile one step of each format: its N costliest ops")
+    p.add_argument("--neighbours", default="", help="comma-separated K, each its own model (default: train.py's K)")
 
 
 def cmd_step(args):
@@ -610,42 +611,48 @@ step, from the database), its model, loss, gradient clipping and AdamW, each pha
     python bench/speed.py step --db data/text+web                  # train.py's default model and batches
     python bench/speed.py step --db data/text+web --fixed          # + one fixed random batch, as `dtype` times
     python bench/speed.py step --db data/text+web --dtypes float32  # one format alone, no alternation
+    python bench/speed.py step --db data/text+web --dtypes float32 --neighbours 2,1,0   # what retrieval costs
 
-Each format trains its own copy of the model (the same initial weights) for --steps steps after --warmup, the
-formats alternating step by step so that both see the same machine; medians per phase. With --fixed, two more
-variants train on one random batch (uniform token ids, no padding), which is what `speed.py dtype` times.
+Each format (and each K of --neighbours) trains its own copy of the model (the same initial weights) for --steps
+steps after --warmup, the variants alternating step by step so that all see the same machine; medians per phase.
+With --fixed, more variants train on one random batch (uniform token ids, no padding), as `speed.py dtype` times.
 On a CPU with AMX an fp32 step right after a bf16 one runs ~17% slower than fp32 alone (bench/RESULTS.md): for
 the ratio of the two formats, time each alone (--dtypes float32, then --dtypes bfloat16), one after the other.
 """
     import build_db
     import train
     torch.set_flush_denormal(args.flush_denormal)
-    cfg = train.TrainConfig()
     db = build_db.open_db(args.db)
-    data = train.Data(db, cfg)
-    g = torch.Generator().manual_seed(0)
-    B, T, M, K, V = cfg.batch_size, cfg.block_size, cfg.chunk_len, cfg.n_neighbours, db.meta["vocab_size"]
-    fixed = tuple(torch.randint(1, V, s, generator=g) for s in ((B, T), (B, T), (B, T // M, K, 2 * M)))
+    Ks = [int(k) for k in args.neighbours.split(",")] if args.neighbours else [train.TrainConfig.n_neighbours]
     variants = {}
-    for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
-        for kind in ("real", "fixed") if args.fixed else ("real",):
-            model, optimizer, _ = train.build_model(cfg, db, "cpu")
-            steps = itertools.count(1)              # each format reads the same batches, as train.py's steps 1, 2, ...
-            batch = (lambda c=steps: data.batch("train", next(c), 0, 0)) if kind == "real" else (lambda: fixed)
-            variants[f"{str(dtype)[6:]} {kind}"] = (model, optimizer, batch, build_db.autocast("cpu", dtype))
+    for K in Ks:
+        cfg = train.TrainConfig(n_neighbours=K)
+        data = train.Data(db, cfg)
+        g = torch.Generator().manual_seed(0)
+        B, T, M, V = cfg.batch_size, cfg.block_size, cfg.chunk_len, db.meta["vocab_size"]
+        fixed = tuple(torch.randint(1, V, s, generator=g) for s in ((B, T), (B, T), (B, T // M, K, 2 * M)))
+        fixed = fixed if K else (*fixed[:2], None)          # as train.Data gives without neighbours
+        for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+            for kind in ("real", "fixed") if args.fixed else ("real",):
+                model, optimizer, _ = train.build_model(cfg, db, "cpu")
+                steps = itertools.count(1)          # each variant reads the same batches: train.py's steps 1, 2, ...
+                batch = ((lambda c=steps, data=data: data.batch("train", next(c), 0, 0)) if kind == "real"
+                         else (lambda fixed=fixed: fixed))
+                name = f"{str(dtype)[6:]} {kind}" + (f" K={K}" if len(Ks) > 1 else "")
+                variants[name] = (model, optimizer, batch, build_db.autocast("cpu", dtype))
     times = {v: [] for v in variants}
     for i in range(args.warmup + args.steps):
         for v, (model, optimizer, batch, ctx) in variants.items():
             t = timed_step(model, optimizer, batch, ctx, cfg.grad_clip)
             if i >= args.warmup:
                 times[v].append(t)
-    print(f"{torch.get_num_threads()} threads, AMX {torch.cpu._is_amx_tile_supported()}; {B} x {T} tokens, K={K}; "
-          f"median seconds of {args.steps} steps")
-    print(f"{'':14s}" + "".join(f"{ph:>10s}" for ph in PHASES) + f"{'step':>10s}{'tokens/s':>10s}")
+    print(f"{torch.get_num_threads()} threads, AMX {torch.cpu._is_amx_tile_supported()}; {B} x {T} tokens, "
+          f"K={args.neighbours or K}; median seconds of {args.steps} steps")
+    print(f"{'':18s}" + "".join(f"{ph:>10s}" for ph in PHASES) + f"{'step':>10s}{'tokens/s':>10s}")
     for v, ts in times.items():
         med = {ph: statistics.median(t[ph] for t in ts) for ph in PHASES}
         total = statistics.median(sum(t.values()) for t in ts)
-        print(f"{v:14s}" + "".join(f"{med[ph]:10.3f}" for ph in PHASES) + f"{total:10.3f}{B * T / total:10,.0f}")
+        print(f"{v:18s}" + "".join(f"{med[ph]:10.3f}" for ph in PHASES) + f"{total:10.3f}{B * T / total:10,.0f}")
     for v, (model, optimizer, batch, ctx) in variants.items() if args.ops else ():
         with torch.profiler.profile() as prof:
             timed_step(model, optimizer, batch, ctx, cfg.grad_clip)
